@@ -1,0 +1,132 @@
+"""``arwgan-train``: parse flags, build a TrainConfig, hand off to ``fit``. Nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from arwgan.config import TrainConfig, parse_loss_weights, with_overrides
+from arwgan.console import EXIT_INTERRUPTED, console, entry_point, fail
+from arwgan.errors import TrainingDiverged, UserError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+# Every option defaults to None ("not given"), so that a checkpoint (--resume) or a
+# tuned file (--from-tuned) supplies the value unless the user says otherwise.
+DataDir = Annotated[Optional[Path], typer.Option(help="Image folder (COCO 2017, HiDDeN train/val, or flat). Default: built-in synthetic set.")]
+Epochs = Annotated[Optional[int], typer.Option(help="Epochs to train. [default: 10]")]
+Batch = Annotated[Optional[int], typer.Option(help="Images per step. [default: 16]")]
+Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes. [default: 4]")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate of both Adam optimisers. [default: 1e-3]")]
+Precision = Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (fp16 needs CUDA). [default: fp32]")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Square crop side in pixels. [default: 128]")]
+MessageBits = Annotated[Optional[int], typer.Option(help="Message length L. [default: 30]")]
+Channels = Annotated[Optional[int], typer.Option(help="Feature channels C. [default: 64]")]
+Noise = Annotated[Optional[str], typer.Option(help="Noise layers, HiDDeN grammar, '+'-joined; '' for identity only. [default: official ARWGAN set]")]
+Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N. [default: auto]")]
+
+
+@app.command()
+def train(
+    data_dir: DataDir = None,
+    epochs: Epochs = None,
+    batch: Batch = None,
+    workers: Workers = None,
+    lr: Lr = None,
+    precision: Precision = None,
+    image_size: ImageSize = None,
+    message_bits: MessageBits = None,
+    channels: Channels = None,
+    noise: Noise = None,
+    device: Device = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder for log.csv and last.pt. [default: runs/train]")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is the base).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every RNG. [default: 0]")] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option(help="Cap on steps per epoch. [default: whole train set]")] = None,
+    val_images: Annotated[Optional[int], typer.Option(help="Validation images per epoch. [default: 512]")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear LR warm-up steps. [default: 0]")] = None,
+    pin_memory: Annotated[Optional[bool], typer.Option("--pin-memory/--no-pin-memory", help="Pin host batches (CUDA).")] = None,
+    persistent_workers: Annotated[Optional[bool], typer.Option("--persistent-workers/--no-persistent-workers", help="Keep workers alive between epochs.")] = None,
+    prefetch_factor: Annotated[Optional[int], typer.Option(help="Batches prefetched per worker. [default: 2]")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory format.")] = None,
+    loss_weights: Annotated[Optional[str], typer.Option(help="e.g. adv=0.001,ssim=0.1,mse=0.7,msg=1.5")] = None,
+    from_tuned: Annotated[Optional[Path], typer.Option(is_flag=False, flag_value="runs/tuned.json", help="Train with the configuration arwgan-autotune wrote (default file runs/tuned.json); explicit flags override it.")] = None,
+    force: Annotated[bool, typer.Option(help="Use a tuned file even if it was made for another model config.")] = False,
+) -> None:
+    """Train ARWGAN (attention-guided robust watermarking GAN)."""
+    from arwgan.trainer import Interrupted, config_from_checkpoint, fit
+
+    try:
+        if resume and from_tuned:
+            raise UserError("--resume and --from-tuned exclude each other: a checkpoint carries its config")
+        base = config_from_checkpoint(resume) if resume else TrainConfig()
+        if from_tuned is not None:
+            base = tuned_base(from_tuned, base, image_size, message_bits, channels, noise, force)
+        overrides = {
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "epochs": epochs,
+            "loader.batch_size": batch,
+            "loader.num_workers": workers,
+            "loader.pin_memory": pin_memory,
+            "loader.persistent_workers": persistent_workers,
+            "loader.prefetch_factor": prefetch_factor,
+            "optim.lr_g": lr,
+            "optim.lr_d": lr,
+            "optim.warmup_steps": warmup_steps,
+            "precision": precision,
+            "model.image_size": image_size,
+            "model.message_bits": message_bits,
+            "model.channels": channels,
+            "model.noise": noise,
+            "device": device,
+            "out_dir": str(out) if out is not None else None,
+            "seed": seed,
+            "steps_per_epoch": steps_per_epoch,
+            "val_images": val_images,
+            "channels_last": channels_last,
+        }
+        if loss_weights is not None:
+            for key, value in parse_loss_weights(loss_weights).items():
+                overrides[f"model.weights.{key}"] = value
+        cfg = with_overrides(base, overrides)
+        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+            raise UserError(f"data folder '{cfg.data_dir}' does not exist")
+        result = fit(cfg, resume=resume, console=console)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    except TrainingDiverged as exc:
+        raise fail(str(exc), code=1) from None
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}[/]; resume with --resume {exc.checkpoint}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    console.print(f"done: {result.epochs_done} epoch(s); checkpoint {result.out_dir / 'last.pt'}")
+
+
+def tuned_base(path, base, image_size, message_bits, channels, noise, force) -> TrainConfig:
+    """The TrainConfig a tuned file prescribes, after checking it still applies here."""
+    from arwgan.config import ModelConfig
+    from arwgan.step import resolve_device
+    from autotune.probes import device_fingerprint, real_probes, torch_info
+    from autotune.tuned import apply_tuned, check_tuned, load_tuned
+
+    tuned = load_tuned(path)
+    tuned_model = ModelConfig.from_dict(tuned.model)
+    wanted = with_overrides(
+        TrainConfig(model=tuned_model),
+        {"model.image_size": image_size, "model.message_bits": message_bits,
+         "model.channels": channels, "model.noise": noise},
+    ).model
+    device = resolve_device(base.device)
+    probes = real_probes()
+    gpu = None
+    if device.type == "cuda" and probes.nvml.available():
+        gpu = probes.nvml.gpu(device.index or 0)
+    fingerprint = device_fingerprint(gpu, probes.host.info(), torch_info(), device.type)
+    for warning in check_tuned(tuned, wanted, fingerprint, force, path=path):
+        console.print(f"[yellow]warning:[/] {warning}")
+    return apply_tuned(tuned, base)
+
+
+main = entry_point(app)

@@ -1,0 +1,62 @@
+"""One rich Console for humans (stderr) and the one-line error convention of every CLI."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import typer
+from rich.console import Console
+
+#: Progress, tables and messages go to stderr so that stdout stays clean for --json.
+console = Console(stderr=True, highlight=False)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
+    """Print ``error: message`` as one line on stderr; return the Exit to raise."""
+    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def run_typer(app: typer.Typer, argv: Sequence[str] | None = None) -> int:
+    """Run a typer app so that a usage error is ONE line (click prints a usage block).
+
+    typer vendors click in recent releases and uses the real one in older ones, so the
+    exceptions are recognised by what they carry (``exit_code``, ``format_message``)
+    rather than by class.
+    """
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except Exception as exc:
+        kind = type(exc).__name__
+        if kind == "Exit":
+            return int(getattr(exc, "exit_code", 0))
+        if kind == "Abort":
+            console.print("[yellow]aborted[/]")
+            return EXIT_INTERRUPTED
+        if kind == "NoArgsIsHelpError":
+            ctx = getattr(exc, "ctx", None)
+            if ctx is not None:
+                console.print(ctx.get_help())
+            return EXIT_USAGE
+        if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", soft_wrap=True)
+            return EXIT_USAGE
+        raise
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def entry_point(app: typer.Typer) -> Callable[[], None]:
+    def main() -> None:
+        sys.exit(run_typer(app))
+
+    return main

@@ -1,0 +1,92 @@
+"""Image-quality and decoding metrics. Images are in [-1, 1]; results stay on the device
+(callers decide when to pay for ``.item()``)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
+
+
+def mse_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def psnr_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB on [-1, 1] images: peak-to-peak 2, so 10 log10(4 / MSE).
+
+    Equal to the usual PSNR on [0, 1] images with peak 1. Identical images give +inf.
+    """
+    return 10 * torch.log10(4.0 / mse_per_image(a, b))
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_window_cpu(size: int, sigma: float) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float()
+
+
+def ssim_per_image(
+    a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
+) -> torch.Tensor:
+    """Mean SSIM per image, computed on [0, 1] (so C1 = 0.01^2 and C2 = 0.03^2 hold).
+
+    Gaussian window (11x11, sigma 1.5), 'valid' filtering as in Wang et al.; images
+    smaller than the window use a window of their own size. Differentiable.
+    """
+    a = (a.float() + 1) / 2
+    b = (b.float() + 1) / 2
+    channels = a.shape[1]
+    size = min(window, a.shape[-1], a.shape[-2])
+    kernel = _gaussian_window_cpu(size, sigma).to(a.device)
+    kernel = kernel.expand(channels, 1, size, size)
+
+    def blur(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, kernel, groups=channels)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
+    )
+    return ssim_map.flatten(1).mean(dim=1)
+
+
+def bit_accuracy_per_image(decoded: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
+    """Fraction of bits with ``(decoded > 0.5) == message`` per image."""
+    return ((decoded.float() > 0.5) == (message > 0.5)).float().mean(dim=1)
+
+
+class MetricSums:
+    """Running sums of per-image metrics kept on the device (no sync until ``means``)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    def add(self, name: str, per_image: torch.Tensor) -> None:
+        total = per_image.detach().float().sum()
+        self._sums[name] = self._sums[name] + total if name in self._sums else total
+        self._count[name] = self._count.get(name, 0) + per_image.numel()
+
+    def sums_and_counts(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        names = sorted(self._sums)
+        sums = torch.stack([self._sums[n] for n in names]) if names else torch.zeros(0)
+        counts = torch.tensor([float(self._count[n]) for n in names], device=sums.device)
+        return names, sums, counts
+
+    def means(self) -> dict[str, float]:
+        """One device sync for all metrics."""
+        names, sums, counts = self.sums_and_counts()
+        values = (sums / counts.clamp(min=1)).tolist()
+        return dict(zip(names, values))

@@ -1,0 +1,719 @@
+"""Noise layers ("attacks") applied between the encoder and the decoder.
+
+Images are (B, 3, H, W) tensors in [-1, 1]. Every layer is an ``nn.Module`` with
+``forward(encoded, cover) -> noised`` that returns exactly the input's shape and dtype; some
+layers take pixels from ``cover`` (the unwatermarked image). Layers are configured with the
+HiDDeN grammar, e.g. ``crop((0.2,0.25),(0.2,0.25))+dropout(0.55,0.6)+jpeg()``, parsed by
+:func:`parse_noise`. :class:`Noiser` picks one layer per batch, Identity included.
+
+Randomness inside a layer comes from torch's global RNG, so a checkpointed torch RNG state
+replays it; per-batch parameters are drawn as device tensors so that no layer forces a
+host-device sync in the training step (Resize is the exception, see there).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.io import decode_jpeg, encode_jpeg
+
+from arwgan.errors import ConfigError
+
+Range = tuple[float, float]
+
+# --------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------
+
+
+class NoiseLayer(nn.Module):
+    """Base class: runs :meth:`attack` in float32 (or wider) with autocast off.
+
+    Autocast would run the DCT matmuls and the blur convolution in bf16/fp16, whose short
+    mantissa turns JPEG quantisation into noise; the layers are cheap next to the networks,
+    so computing them in float32 and casting back costs little.
+    """
+
+    def forward(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        dtype = encoded.dtype
+        compute_dtype = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(encoded.device.type, enabled=False):
+            noised = self.attack(encoded.to(compute_dtype), cover.to(compute_dtype))
+        return noised.to(dtype)
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Identity(nn.Module):
+    """No attack: the decoder sees the encoded image as is."""
+
+    def forward(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        return encoded
+
+
+def _uniform(bounds: Range, device: torch.device) -> torch.Tensor:
+    """A scalar drawn uniformly from ``bounds`` on ``device`` (no sync, global RNG)."""
+    low, high = bounds
+    return low + (high - low) * torch.rand((), device=device)
+
+
+def _window_axis(bounds: Range, size: int, device: torch.device) -> torch.Tensor:
+    """A (size,) bool mask selecting a random run of round(fraction * size) >= 1 positions."""
+    length = torch.round(_uniform(bounds, device) * size).clamp(1, size)
+    start = torch.floor(torch.rand((), device=device) * (size - length + 1))
+    positions = torch.arange(size, device=device)
+    return (positions >= start) & (positions < start + length)
+
+
+def _random_window(
+    height_range: Range, width_range: Range, x: torch.Tensor
+) -> torch.Tensor:
+    """A (H, W) bool mask of one random window, the same for the whole batch.
+
+    Built from device tensors rather than Python ints so that drawing it does not sync.
+    """
+    height, width = x.shape[-2:]
+    rows = _window_axis(height_range, height, x.device)
+    cols = _window_axis(width_range, width, x.device)
+    return rows[:, None] & cols[None, :]
+
+
+class Crop(NoiseLayer):
+    """Keep a random window of the encoded image and zero the rest.
+
+    Side fractions are drawn per batch from ``height_range`` and ``width_range``; the window
+    is round(h * H) x round(w * W) pixels (at least 1 x 1). The image keeps its shape, so
+    the decoder must find the message in a mostly black frame.
+    """
+
+    def __init__(self, height_range: Range, width_range: Range) -> None:
+        super().__init__()
+        self.height_range = height_range
+        self.width_range = width_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        window = _random_window(self.height_range, self.width_range, encoded)
+        return encoded * window
+
+
+class Cropout(NoiseLayer):
+    """Encoded pixels inside a random window (as :class:`Crop`), cover pixels outside."""
+
+    def __init__(self, height_range: Range, width_range: Range) -> None:
+        super().__init__()
+        self.height_range = height_range
+        self.width_range = width_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        window = _random_window(self.height_range, self.width_range, encoded)
+        return torch.where(window, encoded, cover)
+
+
+class Dropout(NoiseLayer):
+    """Keep each encoded pixel with probability p (drawn per batch), else take the cover's.
+
+    The mask is shared over channels: a pixel is either watermarked or not.
+    """
+
+    def __init__(self, keep_range: Range) -> None:
+        super().__init__()
+        self.keep_range = keep_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        keep = _uniform(self.keep_range, encoded.device)
+        batch, _, height, width = encoded.shape
+        mask = torch.rand((batch, 1, height, width), device=encoded.device) < keep
+        return torch.where(mask, encoded, cover)
+
+
+class Resize(NoiseLayer):
+    """Rescale by s (drawn per batch) with bilinear interpolation, then back to the input size.
+
+    The intermediate size must be a Python int, so s is drawn from torch's global *CPU*
+    generator: drawing it on the GPU would cost a device sync every step. With a fixed
+    scale (min == max, as in the official configuration) nothing is drawn.
+    """
+
+    def __init__(self, scale_range: Range) -> None:
+        super().__init__()
+        self.scale_range = scale_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        low, high = self.scale_range
+        scale = low if low == high else low + (high - low) * torch.rand(()).item()
+        size = encoded.shape[-2:]
+        small = [max(1, round(scale * side)) for side in size]
+        resized = F.interpolate(encoded, size=small, mode="bilinear", align_corners=False)
+        return F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
+
+
+class GaussianBlur(NoiseLayer):
+    """Depthwise Gaussian blur with an odd ``kernel_size`` and ``sigma``, size kept.
+
+    Padding is kernel_size // 2, reflected where the image is large enough (reflection
+    avoids the dark border that zero padding would add), replicated otherwise. The kernel
+    is separable, so it runs as a vertical then a horizontal 1-D convolution.
+    """
+
+    def __init__(self, kernel_size: int, sigma: float) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+        taps = torch.exp(-(offsets**2) / (2 * sigma**2))
+        self.register_buffer("taps", (taps / taps.sum()).float(), persistent=False)
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        pad = self.kernel_size // 2
+        height, width = encoded.shape[-2:]
+        mode = "reflect" if pad < min(height, width) else "replicate"
+        padded = F.pad(encoded, (pad, pad, pad, pad), mode=mode)
+        channels = encoded.shape[1]
+        taps = self.taps.to(encoded)
+        vertical = taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+        horizontal = taps.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+        blurred = F.conv2d(padded, vertical, groups=channels)
+        return F.conv2d(blurred, horizontal, groups=channels)
+
+
+class GaussianNoise(NoiseLayer):
+    """Add N(0, std^2) noise, std in [-1, 1] image units, drawn per batch from ``std_range``."""
+
+    def __init__(self, std_range: Range) -> None:
+        super().__init__()
+        self.std_range = std_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        std = _uniform(self.std_range, encoded.device)
+        return encoded + std * torch.randn_like(encoded)
+
+
+# JPEG ----------------------------------------------------------------------------------
+
+#: Annex K quantisation tables of the JPEG standard (quality 50).
+_LUMA_TABLE = (
+    (16, 11, 10, 16, 24, 40, 51, 61),
+    (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77),
+    (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101),
+    (72, 92, 95, 98, 112, 100, 103, 99),
+)
+_CHROMA_TABLE = (
+    (17, 18, 24, 47, 99, 99, 99, 99),
+    (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99),
+) + ((99,) * 8,) * 4
+
+# Full-range BT.601 (JFIF) colour transform; chroma is centred on 0 here instead of 128
+# because the level shift of JPEG (-128) would remove that offset again.
+_RGB_TO_YCBCR = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+
+
+def jpeg_quantization_tables(quality: int) -> torch.Tensor:
+    """The (2, 8, 8) luminance and chrominance tables that libjpeg uses at ``quality``.
+
+    Same integer arithmetic as libjpeg's ``jpeg_quality_scaling`` and
+    ``jpeg_add_quant_table`` with baseline limits, so quality 50 gives the Annex K tables
+    and quality 100 gives all ones.
+    """
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    tables = [
+        [[min(255, max(1, (value * scale + 50) // 100)) for value in row] for row in table]
+        for table in (_LUMA_TABLE, _CHROMA_TABLE)
+    ]
+    return torch.tensor(tables, dtype=torch.float32)
+
+
+def _dct_matrix() -> torch.Tensor:
+    """The orthonormal 8-point DCT-II matrix D (coefficients = D @ block @ D.T)."""
+    n = torch.arange(8, dtype=torch.float64)
+    basis = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16)
+    basis[0] /= math.sqrt(2)
+    return (basis / 2).float()
+
+
+def differentiable_round(x: torch.Tensor) -> torch.Tensor:
+    """round(x) + (x - round(x))^3: equal to rounding within 0.125, with a usable gradient.
+
+    Plain rounding has zero gradient almost everywhere; this approximation (Shin & Song,
+    2017) keeps a small gradient, so the encoder learns from quantisation.
+    """
+    rounded = torch.round(x)
+    return rounded + (x - rounded) ** 3
+
+
+class _BlockDctJpeg(NoiseLayer):
+    """RGB -> YCbCr -> 8x8 block DCT -> :meth:`process` -> inverse, on the input's device.
+
+    Pixels are mapped to JPEG's 0..255 scale with the -128 level shift, so that the
+    standard quantisation tables apply unchanged. The image is padded to a multiple of 8
+    by edge replication (as libjpeg does) and the padding is cropped afterwards.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("dct", _dct_matrix(), persistent=False)
+        to_ycbcr = torch.tensor(_RGB_TO_YCBCR, dtype=torch.float64)
+        self.register_buffer("rgb_to_ycbcr", to_ycbcr.float(), persistent=False)
+        self.register_buffer("ycbcr_to_rgb", torch.linalg.inv(to_ycbcr).float(), persistent=False)
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        height, width = encoded.shape[-2:]
+        dct = self.dct.to(encoded)
+        shifted = encoded * 127.5 - 0.5  # [-1, 1] -> [0, 255], minus the level shift 128
+        ycbcr = torch.einsum("dc,bchw->bdhw", self.rgb_to_ycbcr.to(encoded), shifted)
+        padded = F.pad(ycbcr, (0, -width % 8, 0, -height % 8), mode="replicate")
+        batch, channels, padded_height, padded_width = padded.shape
+        blocks = padded.reshape(batch, channels, padded_height // 8, 8, padded_width // 8, 8)
+        coefficients = torch.einsum("uh,bcihjw,vw->bciujv", dct, blocks, dct)
+        blocks = torch.einsum("uh,bciujv,vw->bcihjw", dct, self.process(coefficients), dct)
+        ycbcr = blocks.reshape(padded.shape)[..., :height, :width]
+        rgb = torch.einsum("dc,bchw->bdhw", self.ycbcr_to_rgb.to(encoded), ycbcr)
+        return (rgb + 0.5) / 127.5
+
+    def process(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """Change the (B, 3, H/8, 8, W/8, 8) YCbCr DCT coefficients; u and v are dims 3, 5."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _per_channel(tables: torch.Tensor) -> torch.Tensor:
+        """(3, 8, 8) per-channel tables shaped to broadcast against the coefficients."""
+        return tables[:, None, :, None, :]
+
+
+class JpegMask(_BlockDctJpeg):
+    """HiDDeN's JPEG-Mask: keep the low 5x5 DCT frequencies of Y and 3x3 of Cb, Cr.
+
+    A fixed, linear and differentiable stand-in for JPEG's loss of high frequencies.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        keep = torch.zeros(3, 8, 8)
+        keep[0, :5, :5] = 1
+        keep[1:, :3, :3] = 1
+        self.register_buffer("keep", self._per_channel(keep), persistent=False)
+
+    def process(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return coefficients * self.keep.to(coefficients)
+
+
+class JpegDiff(_BlockDctJpeg):
+    """Differentiable JPEG at ``quality``: libjpeg's tables, quantised with
+    :func:`differentiable_round`.
+
+    Unlike real JPEG it does not subsample chroma and does not clamp to [0, 255]; both
+    would only remove gradient.
+    """
+
+    def __init__(self, quality: int) -> None:
+        super().__init__()
+        self.quality = quality
+        luma, chroma = jpeg_quantization_tables(quality)
+        steps = torch.stack([luma, chroma, chroma])
+        self.register_buffer("steps", self._per_channel(steps), persistent=False)
+
+    def process(self, coefficients: torch.Tensor) -> torch.Tensor:
+        steps = self.steps.to(coefficients)
+        return differentiable_round(coefficients / steps) * steps
+
+
+class JpegReal(NoiseLayer):
+    """Real JPEG at ``quality`` (libjpeg through torchvision, on the CPU, uint8).
+
+    Forward is the real codec; backward is the identity (straight-through), because the
+    codec has no gradient. Costs a device round trip: meant for evaluation.
+    """
+
+    def __init__(self, quality: int) -> None:
+        super().__init__()
+        self.quality = quality
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        pixels = ((encoded.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        decoded = decode_jpeg(encode_jpeg(list(pixels), quality=self.quality))
+        compressed = torch.stack(decoded).to(encoded.device, encoded.dtype) / 127.5 - 1
+        return encoded + (compressed - encoded).detach()
+
+
+# --------------------------------------------------------------------------------------
+# Grammar
+# --------------------------------------------------------------------------------------
+
+Arg = float | int | tuple[float | int, float | int]
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """One parsed noise layer: its grammar name and arguments (numbers or (min, max) pairs).
+
+    ``str()`` renders it back to grammar text, which parses to an equal spec.
+    """
+
+    name: str
+    args: tuple = ()
+
+    def __str__(self) -> str:
+        return f"{self.name}({','.join(_render(arg) for arg in self.args)})"
+
+
+def _render(arg: Arg) -> str:
+    if isinstance(arg, tuple):
+        return f"({','.join(_render(value) for value in arg)})"
+    return repr(arg)
+
+
+class _SpecProblem(Exception):
+    """What is wrong with one layer; turned into a ConfigError that quotes the layer."""
+
+
+def _number(arg: Arg, what: str) -> float | int:
+    if isinstance(arg, tuple):
+        raise _SpecProblem(f"{what} must be a number, got a pair {_render(arg)}")
+    return arg
+
+
+def _integer(arg: Arg, what: str) -> int:
+    value = _number(arg, what)
+    if not isinstance(value, int):
+        raise _SpecProblem(f"{what} must be an integer, got {_render(value)}")
+    return value
+
+
+def _range(arg: Arg, what: str) -> Range:
+    if not isinstance(arg, tuple):
+        raise _SpecProblem(f"{what} must be a pair (min,max), got {_render(arg)}")
+    low, high = arg
+    if low > high:
+        raise _SpecProblem(f"{what} min {_render(low)} > max {_render(high)}")
+    return arg
+
+
+def _check_fractions(bounds: Range, what: str) -> None:
+    for value in bounds:
+        if not 0 < value <= 1:
+            raise _SpecProblem(f"{what} must be in (0, 1], got {_render(value)}")
+
+
+def _check_window(args: tuple) -> None:
+    for axis, arg in zip(("height", "width"), args):
+        _check_fractions(_range(arg, f"{axis} range"), f"{axis} fraction")
+
+
+def _check_keep(args: tuple) -> None:
+    _check_fractions(_range(args, "keep range"), "keep fraction")
+
+
+def _check_scale(args: tuple) -> None:
+    for value in _range(args, "scale range"):
+        if not value > 0:
+            raise _SpecProblem(f"scale must be > 0, got {_render(value)}")
+
+
+def _check_quality(args: tuple) -> None:
+    for arg in args:
+        quality = _integer(arg, "quality")
+        if not 1 <= quality <= 100:
+            raise _SpecProblem(f"quality must be in 1..100, got {quality}")
+
+
+def _check_blur(args: tuple) -> None:
+    kernel_size = _integer(args[0], "kernel size")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise _SpecProblem(f"kernel size must be odd and >= 1, got {kernel_size}")
+    sigma = _number(args[1], "sigma")
+    if not sigma > 0:
+        raise _SpecProblem(f"sigma must be > 0, got {_render(sigma)}")
+
+
+def _check_std(args: tuple) -> None:
+    bounds = _range(args * 2 if len(args) == 1 else args, "std range")
+    for value in bounds:
+        if value < 0:
+            raise _SpecProblem(f"std must be >= 0, got {_render(value)}")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How a layer name is checked and built. ``arities``: accepted argument counts."""
+
+    arities: tuple[int, ...]
+    check: Callable[[tuple], None]
+    build: Callable[[tuple], nn.Module]
+
+
+def _scalars(args: tuple) -> tuple:
+    """The arguments of a layer written ``name(min,max)``, checked to be plain numbers."""
+    return tuple(_number(arg, f"argument {i + 1}") for i, arg in enumerate(args))
+
+
+_RULES: dict[str, _Rule] = {
+    "identity": _Rule((0,), lambda args: None, lambda args: Identity()),
+    "crop": _Rule((2,), _check_window, lambda args: Crop(*args)),
+    "cropout": _Rule((2,), _check_window, lambda args: Cropout(*args)),
+    "dropout": _Rule((2,), lambda args: _check_keep(_scalars(args)), lambda args: Dropout(args)),
+    "resize": _Rule((2,), lambda args: _check_scale(_scalars(args)), lambda args: Resize(args)),
+    "jpeg": _Rule(
+        (0, 1), _check_quality, lambda args: JpegDiff(args[0]) if args else JpegMask()
+    ),
+    "jpegreal": _Rule((1,), _check_quality, lambda args: JpegReal(args[0])),
+    "gaussian": _Rule((2,), _check_blur, lambda args: GaussianBlur(*args)),
+    "gaussian_noise": _Rule(
+        (1, 2),
+        lambda args: _check_std(_scalars(args)),
+        lambda args: GaussianNoise((args[0], args[-1])),
+    ),
+}
+
+
+def _problem_with(spec: NoiseSpec) -> str | None:
+    """Why ``spec`` is not a valid layer, or None when it is."""
+    rule = _RULES.get(spec.name)
+    if rule is None:
+        return f"unknown layer {spec.name!r} (known: {', '.join(sorted(_RULES))})"
+    if len(spec.args) not in rule.arities:
+        expected = " or ".join(str(n) for n in rule.arities)
+        return f"{spec.name} takes {expected} argument(s), got {len(spec.args)}"
+    try:
+        rule.check(spec.args)
+    except _SpecProblem as problem:
+        return str(problem)
+    return None
+
+
+_TOKEN = re.compile(
+    r"(?P<number>-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
+    r"|(?P<name>[A-Za-z_]\w*)|(?P<punct>[(),])"
+)
+_WANTED = {"number": "a number", "name": "a layer name", ",": "','", ")": "')'"}
+
+
+class _LayerParser:
+    """Recursive-descent parser of one layer: ``name [ '(' [value {',' value}] ')' ]``,
+    where ``value := number | '(' number ',' number ')'``. Tokens are (kind, text, column)."""
+
+    def __init__(self, text: str) -> None:
+        self.tokens: list[tuple[str, str, int]] = []
+        position = 0
+        while position < len(text):
+            if text[position].isspace():
+                position += 1
+                continue
+            match = _TOKEN.match(text, position)
+            if match is None:
+                raise _SpecProblem(
+                    f"unexpected character {text[position]!r} at column {position + 1}"
+                )
+            self.tokens.append((match.lastgroup, match.group(), position + 1))
+            position = match.end()
+        self.index = 0
+
+    def _peek(self) -> tuple[str, str, int] | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def _expect(self, wanted: str) -> tuple[str, str, int]:
+        token = self._peek()
+        if token is None:
+            if wanted == ")":
+                raise _SpecProblem("unbalanced parentheses: missing ')'")
+            raise _SpecProblem(f"expected {_WANTED[wanted]}, got the end of the layer")
+        kind, text, column = token
+        if wanted not in (kind, text):
+            if text == ")":
+                raise _SpecProblem(f"unbalanced parentheses: unexpected ')' at column {column}")
+            raise _SpecProblem(f"expected {_WANTED[wanted]}, got {text!r} at column {column}")
+        self.index += 1
+        return token
+
+    def _accept(self, text: str) -> bool:
+        token = self._peek()
+        if token is not None and token[1] == text:
+            self.index += 1
+            return True
+        return False
+
+    def _number(self) -> float | int:
+        _, text, column = self._expect("number")
+        if re.fullmatch(r"-?\d+", text):
+            return int(text)
+        value = float(text)
+        if not math.isfinite(value):
+            raise _SpecProblem(f"number {text!r} at column {column} is too large")
+        return value
+
+    def _value(self) -> Arg:
+        if self._accept("("):
+            low = self._number()
+            self._expect(",")
+            high = self._number()
+            self._expect(")")
+            return (low, high)
+        return self._number()
+
+    def parse(self) -> NoiseSpec:
+        _, name, _ = self._expect("name")
+        args: list[Arg] = []
+        if self._accept("("):
+            if not self._accept(")"):
+                args.append(self._value())
+                while self._accept(","):
+                    args.append(self._value())
+                self._expect(")")
+        if self._peek() is not None:
+            _, text, column = self._peek()
+            if text == ")":
+                raise _SpecProblem(f"unbalanced parentheses: unexpected ')' at column {column}")
+            raise _SpecProblem(f"unexpected {text!r} at column {column} after the layer")
+        return NoiseSpec(name, tuple(args))
+
+
+def _split_layers(spec: str) -> list[str]:
+    """Split at the '+' signs outside parentheses (an exponent's '+' is inside them)."""
+    parts, depth, start = [], 0, 0
+    for position, char in enumerate(spec):
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth = max(depth - 1, 0)  # a stray ')' is reported by the layer parser
+        elif char == "+" and depth == 0:
+            parts.append(spec[start:position])
+            start = position + 1
+    parts.append(spec[start:])
+    return parts
+
+
+def parse_noise(spec: str) -> list[NoiseSpec]:
+    """Parse a '+'-joined HiDDeN noise spec into validated layer specs.
+
+    The empty string, ``identity`` and ``identity()`` give an empty list: Identity is
+    always in the Noiser's pool, so listing it adds nothing and is dropped anywhere.
+    Raises ConfigError quoting the offending layer.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"noise spec must be a string, got {type(spec).__name__}")
+    if not spec.strip():
+        return []
+    layers = []
+    for part in _split_layers(spec):
+        text = part.strip()
+        if not text:
+            raise ConfigError(f"bad noise spec {spec!r}: empty layer at a stray '+'")
+        try:
+            layer = _LayerParser(text).parse()
+        except _SpecProblem as problem:
+            raise ConfigError(f"bad noise layer {text!r}: {problem}") from None
+        problem = _problem_with(layer)
+        if problem is not None:
+            raise ConfigError(f"bad noise layer {text!r}: {problem}")
+        if layer.name != "identity":
+            layers.append(layer)
+    return layers
+
+
+def build_layer(spec: NoiseSpec) -> nn.Module:
+    """The module for one layer spec (validated again: a spec may be built by hand)."""
+    problem = _problem_with(spec)
+    if problem is not None:
+        raise ConfigError(f"bad noise layer '{spec}': {problem}")
+    return _RULES[spec.name].build(spec.args)
+
+
+def build_noise_layers(spec: str) -> list[nn.Module]:
+    """The modules of a noise spec string, without the implicit Identity."""
+    return [build_layer(layer) for layer in parse_noise(spec)]
+
+
+# --------------------------------------------------------------------------------------
+# Noiser
+# --------------------------------------------------------------------------------------
+
+
+class Noiser(nn.Module):
+    """Applies one layer of ``[Identity, *configured]``, drawn uniformly per call.
+
+    ``layers``, ``specs`` and ``names`` (grammar text, ``'identity'`` first) are parallel.
+
+    The choice comes from the Noiser's own CPU generator seeded with ``seed``: drawing it
+    costs no device sync, and it does not shift the global RNG streams that the layers and
+    the data pipeline use. Save it with :meth:`get_rng_state` to resume a run exactly.
+    """
+
+    def __init__(self, spec: str, seed: int) -> None:
+        super().__init__()
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ConfigError(f"noise seed must be an integer, got {seed!r}")
+        configured = parse_noise(spec)
+        self.specs: list[NoiseSpec] = [NoiseSpec("identity"), *configured]
+        self.layers = nn.ModuleList([build_layer(s) for s in self.specs])
+        self.names: list[str] = ["identity", *(str(s) for s in configured)]
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        choice = int(torch.randint(len(self.layers), (), generator=self._generator))
+        return self.layers[choice](encoded, cover)
+
+    def attack_names(self) -> list[str]:
+        """Grammar text of the configured layers, without the implicit identity."""
+        return self.names[1:]
+
+    def index_of(self, name: str) -> int:
+        """Position of a layer in :attr:`names`, given its grammar text (spacing free) or,
+        when only one layer has it, its bare name such as ``'jpeg'``."""
+        if name in self.names:
+            return self.names.index(name)
+        kinds = [s.name for s in self.specs]
+        if kinds.count(name) == 1:
+            return kinds.index(name)
+        try:
+            parsed = parse_noise(name) if name.strip() else None
+        except ConfigError:
+            parsed = None
+        if parsed is not None and len(parsed) <= 1:
+            canonical = str(parsed[0]) if parsed else "identity"  # 'identity()' parses to []
+            if canonical in self.names:
+                return self.names.index(canonical)
+        raise ConfigError(f"unknown attack {name!r} (configured: {', '.join(self.names)})")
+
+    def apply(self, name_or_index, encoded=None, cover=None):
+        """Apply one layer, by name or index, to every image of the batch (evaluation
+        under a single attack).
+
+        Called with a function alone it is ``nn.Module.apply``: a parent module's
+        ``apply(init_fn)`` recurses into its children, and must keep working when a
+        Noiser is one of them.
+        """
+        if callable(name_or_index):
+            return super().apply(name_or_index)
+        if encoded is None or cover is None:
+            raise TypeError("Noiser.apply(name_or_index, encoded, cover) needs both images")
+        if isinstance(name_or_index, int):
+            if not 0 <= name_or_index < len(self.layers):
+                raise ConfigError(
+                    f"attack index {name_or_index} out of range 0..{len(self.layers) - 1}"
+                )
+            index = name_or_index
+        else:
+            index = self.index_of(name_or_index)
+        return self.layers[index](encoded, cover)
+
+    def get_rng_state(self) -> torch.Tensor:
+        """State of the layer-choice generator, for a checkpoint."""
+        return self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        """Restore the layer-choice generator from :meth:`get_rng_state`."""
+        self._generator.set_state(state)

@@ -1,0 +1,233 @@
+"""The ARWGAN train step: one discriminator update and one generator update.
+
+This is the unit both the trainer and the autotuner run: the tuner measures exactly
+this code, so what it finds holds for training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arwgan.config import ModelConfig, OptimConfig
+from arwgan.errors import ConfigError
+from arwgan.metrics import bit_accuracy_per_image, ssim_per_image
+from arwgan.model import Decoder, Discriminator, Encoder
+from arwgan.noise import Noiser
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present. An unusable request is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 needs CUDA (its gradient scaler is the CUDA one); bf16 needs hardware support."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: step 0 runs at 1/warmup_steps of the rate, step warmup_steps-1 at full."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+@dataclass
+class StepResult:
+    """Losses and metrics of one step, as detached device tensors (no sync taken)."""
+
+    d_loss: torch.Tensor
+    g_loss: torch.Tensor
+    g_adversarial: torch.Tensor
+    g_ssim: torch.Tensor
+    g_image_mse: torch.Tensor
+    g_message_mse: torch.Tensor
+    bit_accuracy: torch.Tensor
+    skipped: bool
+    """True when a non-finite loss made this step skip an optimiser update."""
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+
+
+class Networks(nn.Module):
+    """Encoder, decoder, discriminator and noise layers of one ARWGAN."""
+
+    def __init__(self, cfg: ModelConfig, noise_seed: int) -> None:
+        super().__init__()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.discriminator = Discriminator(cfg)
+        self.noiser = Noiser(cfg.noise, noise_seed)
+
+
+class GANStep:
+    """Owns the networks, both Adam optimisers and (fp16) gradient scalers.
+
+    ``__call__(images, messages)`` runs discriminator step then generator step, with the
+    encoder forward shared by both, as in the official implementation.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimConfig,
+        precision: str,
+        device: torch.device,
+        seed: int = 0,
+        channels_last: bool = False,
+    ) -> None:
+        check_precision(precision, device)
+        self.model_cfg = model_cfg
+        self.optim_cfg = optim_cfg
+        self.precision = precision
+        self.device = device
+        self.channels_last = channels_last
+        torch.manual_seed(seed)
+        self.nets = Networks(model_cfg, noise_seed=seed).to(device)
+        if channels_last:
+            self.nets.to(memory_format=torch.channels_last)
+        betas = (optim_cfg.beta1, optim_cfg.beta2)
+        generator_params = [*self.nets.encoder.parameters(), *self.nets.decoder.parameters()]
+        self.opt_g = torch.optim.Adam(generator_params, lr=optim_cfg.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(
+            self.nets.discriminator.parameters(), lr=optim_cfg.lr_d, betas=betas
+        )
+        use_scaler = precision == "fp16"
+        self.scaler_g = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        self.step_count = 0
+        self.weights = model_cfg.weights
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "nets": self.nets.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict(),
+            "noiser_rng": self.nets.noiser.get_rng_state(),
+            "step_count": self.step_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nets.load_state_dict(state["nets"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.nets.noiser.set_rng_state(state["noiser_rng"])
+        self.step_count = int(state["step_count"])
+
+    # -- the step ----------------------------------------------------------------------
+    def _set_lr(self) -> None:
+        factor = warmup_factor(self.step_count, self.optim_cfg.warmup_steps)
+        for group in self.opt_g.param_groups:
+            group["lr"] = self.optim_cfg.lr_g * factor
+        for group in self.opt_d.param_groups:
+            group["lr"] = self.optim_cfg.lr_d * factor
+
+    def to_device(self, images: torch.Tensor, messages: torch.Tensor):
+        # non_blocking only overlaps the copy when the host tensor is pinned.
+        images = images.to(self.device, non_blocking=True)
+        messages = messages.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, messages
+
+    def _update(self, loss: torch.Tensor, optimizer, scaler) -> bool:
+        """Backward and step unless the loss is non-finite. Returns True when skipped.
+
+        ``torch.isfinite(...).item()`` is a device sync; it is the price of never
+        feeding a NaN into Adam's moment estimates.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(loss).item()):
+            return True
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return False
+
+    def __call__(self, images: torch.Tensor, messages: torch.Tensor) -> StepResult:
+        nets, w = self.nets, self.weights
+        nets.train()
+        self._set_lr()
+        with autocast(self.precision, self.device):
+            encoded = nets.encoder(images, messages)
+            decoded = nets.decoder(nets.noiser(encoded, images))
+
+            # Discriminator: cover is real (1), the detached encoded image is fake (0).
+            real_logits = nets.discriminator(images)
+            fake_logits = nets.discriminator(encoded.detach())
+            d_loss = F.binary_cross_entropy_with_logits(
+                real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32)
+            ) + F.binary_cross_entropy_with_logits(
+                fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float32)
+            )
+        skipped_d = self._update(d_loss, self.opt_d, self.scaler_d)
+
+        # The generator's adversarial term must not leave gradients on D's weights:
+        # freezing them here also saves computing those gradients at all.
+        nets.discriminator.requires_grad_(False)
+        try:
+            with autocast(self.precision, self.device):
+                verdict = nets.discriminator(encoded)
+                g_adv = F.binary_cross_entropy_with_logits(
+                    verdict.float(), torch.ones_like(verdict, dtype=torch.float32)
+                )
+                g_ssim = 1 - ssim_per_image(encoded, images).mean()
+                g_image = F.mse_loss(encoded.float(), images.float())
+                g_message = F.mse_loss(decoded.float(), messages.float())
+                g_loss = (
+                    w.adversarial * g_adv
+                    + w.ssim * g_ssim
+                    + w.image_mse * g_image
+                    + w.message_mse * g_message
+                )
+            skipped_g = self._update(g_loss, self.opt_g, self.scaler_g)
+        finally:
+            nets.discriminator.requires_grad_(True)
+        self.step_count += 1
+        return StepResult(
+            d_loss=d_loss.detach(),
+            g_loss=g_loss.detach(),
+            g_adversarial=g_adv.detach(),
+            g_ssim=g_ssim.detach(),
+            g_image_mse=g_image.detach(),
+            g_message_mse=g_message.detach(),
+            bit_accuracy=bit_accuracy_per_image(decoded.detach(), messages).mean(),
+            skipped=skipped_d or skipped_g,
+        )

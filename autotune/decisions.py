@@ -1,0 +1,192 @@
+"""The tuner's other decisions, as pure functions of measurements.
+
+Learning-rate scaling, the DataLoader worker count and the precision are chosen here
+from numbers measured elsewhere; nothing in this module touches a device, so every
+rule can be tested exactly. (The batch-size choice lives with its search, in
+:mod:`autotune.search`.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from arwgan.errors import ConfigError
+
+__all__ = [
+    "LR_RULES",
+    "LR_WARNING_FACTOR",
+    "PrecisionMeasurement",
+    "WorkerMeasurement",
+    "choose_precision",
+    "choose_workers",
+    "lr_factor",
+    "lr_warning",
+    "scale_lr",
+    "warmup_steps_for",
+]
+
+#: How a learning rate follows the batch: ``linear`` (Goyal et al. 2017, the usual rule
+#: for SGD-like training), ``sqrt`` (keeps the gradient-noise scale, gentler for Adam
+#: and GANs), ``none`` (keep the reference learning rate).
+LR_RULES = ("linear", "sqrt", "none")
+
+#: Above this learning-rate multiplier, warn: large jumps are where GAN training diverges.
+LR_WARNING_FACTOR = 8.0
+
+#: Warm-up length: this many steps per unit of learning-rate multiplier, capped.
+WARMUP_STEPS_PER_FACTOR = 100
+WARMUP_STEPS_MAX = 2000
+
+
+def lr_factor(rule: str, batch_factor: float) -> float:
+    """The learning-rate multiplier for ``batch_factor = batch / base_batch`` under ``rule``."""
+    if rule == "linear":
+        return batch_factor
+    if rule == "sqrt":
+        return math.sqrt(batch_factor)
+    if rule == "none":
+        return 1.0
+    raise ConfigError(f"learning-rate rule must be one of {', '.join(LR_RULES)}, got {rule!r}")
+
+
+def scale_lr(base_lr: float, base_batch: int, batch: int, rule: str) -> float:
+    """The learning rate for ``batch``, given the reference ``base_lr`` at ``base_batch``.
+
+    Applied to the generator and the discriminator separately, each from its own
+    reference rate.
+    """
+    if not (isinstance(base_lr, (int, float)) and 0 < base_lr < math.inf):
+        raise ConfigError(f"base learning rate must be a positive number, got {base_lr!r}")
+    for name, value in (("base batch", base_batch), ("batch", batch)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    return base_lr * lr_factor(rule, batch / base_batch)
+
+
+def lr_warning(factor: float) -> str | None:
+    """A warning when the learning rate was multiplied by more than 8, else None.
+
+    ``factor`` is the learning-rate multiplier (``lr_factor``), not the batch ratio:
+    under ``sqrt`` a 64x batch is only an 8x learning rate.
+    """
+    if factor <= LR_WARNING_FACTOR:
+        return None
+    return (
+        f"learning rate scaled x{factor:.3g} (more than x{LR_WARNING_FACTOR:g} the reference); "
+        "GAN training often diverges after such a jump: consider the sqrt rule or a longer warm-up"
+    )
+
+
+def warmup_steps_for(rule: str, batch_factor: float) -> int:
+    """Linear warm-up steps to reach the scaled learning rate.
+
+    0 when the learning rate does not grow (multiplier <= 1: nothing to ease into);
+    otherwise ``round(100 * multiplier)`` capped at 2000, so the warm-up lengthens with
+    the size of the jump (Goyal et al. warm up over a few epochs for the same reason)
+    while staying a small share of a training run. ``batch_factor`` is
+    ``batch / base_batch``; ``rule`` turns it into the multiplier.
+    """
+    factor = lr_factor(rule, batch_factor)
+    if factor <= 1:
+        return 0
+    return min(WARMUP_STEPS_MAX, round(WARMUP_STEPS_PER_FACTOR * factor))
+
+
+@dataclass
+class WorkerMeasurement:
+    """One DataLoader setting and the images/s measured with it."""
+
+    workers: int
+    prefetch_factor: int | None
+    """None with 0 workers, where torch refuses a prefetch factor."""
+    images_per_s: float
+
+
+def choose_workers(
+    measurements: Sequence[WorkerMeasurement],
+    consumption_images_per_s: float | None,
+    headroom: float = 1.2,
+    tolerance: float = 0.03,
+) -> WorkerMeasurement:
+    """The fewest workers that keep training fed; fewer workers means less RAM and CPU.
+
+    Two kinds of measurement, two rules:
+
+    - ``consumption_images_per_s`` given (GPU): each measurement is the loader alone,
+      and the train step consumes that many images/s. Keep the fewest workers (then
+      the smallest prefetch) delivering at least ``headroom`` times the consumption:
+      the margin absorbs slow images and jitter. If none does, the fastest loader.
+    - ``consumption_images_per_s`` None (CPU): each measurement is end-to-end training
+      with the loader feeding the step, so workers compete with the step for cores.
+      Keep the fewest workers within ``tolerance`` of the best images/s.
+    """
+    if not measurements:
+        raise ValueError("no DataLoader measurement to choose from")
+    if consumption_images_per_s is not None and not consumption_images_per_s > 0:
+        raise ValueError(
+            f"consumption must be positive images/s, got {consumption_images_per_s!r}"
+        )
+    by_cost = sorted(measurements, key=lambda m: (m.workers, m.prefetch_factor or 0))
+    if consumption_images_per_s is not None:
+        needed = headroom * consumption_images_per_s
+        enough = [m for m in by_cost if m.images_per_s >= needed]
+        if enough:
+            return enough[0]
+        # max keeps the first of equals: the cheapest among the fastest.
+        return max(by_cost, key=lambda m: m.images_per_s)
+    best = max(m.images_per_s for m in by_cost)
+    return next(m for m in by_cost if m.images_per_s >= (1 - tolerance) * best)
+
+
+@dataclass
+class PrecisionMeasurement:
+    """The real train step measured at one precision (fp32, bf16, fp16 with a scaler)."""
+
+    precision: str
+    images_per_s: float | None
+    """None when the step could not run at this precision."""
+    peak_bytes: int | None
+    finite: bool
+    """False when a loss or gradient went NaN/inf during the measurement."""
+    error: str = ""
+    """Why the step could not run (unsupported dtype, ...), empty otherwise."""
+
+
+def choose_precision(
+    measurements: Sequence[PrecisionMeasurement], tolerance: float = 0.03
+) -> PrecisionMeasurement:
+    """The fastest precision whose losses stay finite, memory breaking near-ties.
+
+    Among usable measurements (finite, with a speed), start from the fastest; another
+    within ``tolerance`` of its images/s that peaks lower wins (the lowest peak, then
+    the faster), since the memory it frees buys a larger batch while the speed
+    difference is within noise. A peak that is unknown never wins a tie, and when
+    the fastest's peak is unknown there is nothing to compare: the fastest stays.
+    """
+    usable = [m for m in measurements if m.finite and m.images_per_s is not None]
+    if not usable:
+        reasons = "; ".join(f"{m.precision}: {_unusable_reason(m)}" for m in measurements)
+        raise ValueError(f"no usable precision ({reasons or 'nothing measured'})")
+    fastest = max(usable, key=lambda m: m.images_per_s)
+    if fastest.peak_bytes is None:
+        return fastest
+    lighter = [
+        m
+        for m in usable
+        if m.images_per_s >= (1 - tolerance) * fastest.images_per_s
+        and m.peak_bytes is not None
+        and m.peak_bytes < fastest.peak_bytes
+    ]
+    if not lighter:
+        return fastest
+    return min(lighter, key=lambda m: (m.peak_bytes, -m.images_per_s))
+
+
+def _unusable_reason(m: PrecisionMeasurement) -> str:
+    if m.error:
+        return m.error
+    if not m.finite:
+        return "non-finite loss"
+    return "no speed measured"

@@ -1,0 +1,414 @@
+"""Batch-size search: the largest batch that fits a memory target, then the best one.
+
+The policy is a pure function over an injected ``trial(batch) -> TrialOutcome``: the
+trial runs the real train step (and cleans up after an OOM); this module only decides
+which batch to try next and which one to keep. Tests drive it with fake trials and
+assert the exact sequence of batches tried.
+
+Algorithm (``search_batch``)
+----------------------------
+A trial *succeeds* when it ran (``ok``) and its peak memory is at most
+``limit = target_bytes - margin_bytes``; a run above the limit is recorded as a
+failure with reason ``over_target``. A successful trial slower than
+``trial_time_budget_s`` is kept (it is usable) but ends the search, because every
+trial after it would be larger and slower still; a failed slow trial is an ordinary
+failure, since every trial after a failure is smaller.
+
+1. The first trial is at ``start``. If it fails, :class:`SearchError`: there is
+   nothing to choose from, and shrinking below what the user asked for would hide
+   the problem.
+2. Growth: double the last success (clamped at ``max_batch``) until a trial fails or
+   ``max_batch`` succeeds. Growth only ever tries batches larger than all before it.
+3. Bisection between ``lo`` (largest success) and ``hi`` (smallest failure): try
+   ``(lo + hi) // 2`` until ``hi - lo <= resolution(lo)``. Every bisection trial lies
+   strictly inside the bracket, so no batch is tried twice and the bracket always
+   shrinks. ``resolution`` is 1 below batch 64 and 5 % above: near 1000, pinning the
+   exact edge would cost trials for a difference throughput cannot see.
+4. Linear fit (``use_fit``): with two or more successes carrying a peak reading,
+   ``peak = fixed + per_sample * batch`` is fitted by least squares (exact rational
+   arithmetic, so the prediction is reproducible) and predicts
+   ``b* = floor((limit - fixed) / per_sample)``. A fit with ``per_sample <= 0``
+   (noisy, non-monotonic readings) predicts nothing. The prediction only ever
+   *proposes* a trial, marked ``predicted``; it is never trusted blind:
+
+   - during growth, if ``lo < b* < min(2 * lo, max_batch)``, try ``b*`` instead of
+     ``2 * lo``;
+   - during bisection, if ``lo < b* < hi``, try ``b*`` instead of the midpoint;
+   - after a predicted trial at ``b*`` succeeds, try ``b* + resolution(b*)`` at once
+     (also marked ``predicted``) to confirm that the edge is there. A good prediction
+     thus closes the bracket in two trials.
+
+   The fit gets one chance: once it is shown wrong (``b*`` fails, or the
+   confirmation succeeds) the rest of the search is plain doubling and bisection. A
+   fit that does not describe this memory curve thus costs at most two trials, never
+   a chase after a model.
+5. The search also stops after ``max_trials`` trials, whatever the phase.
+
+The chosen batch (``choose_batch``): objective ``memory`` keeps the largest success;
+``throughput`` keeps the largest success whose images/s is within
+``throughput_tolerance`` of the best measured: a difference that small is measurement
+noise, and among equally fast batches the largest needs the fewest optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from fractions import Fraction
+from typing import Any, Callable, Iterable
+
+from arwgan.errors import ConfigError
+
+from autotune.memory import format_bytes
+
+__all__ = [
+    "OBJECTIVES",
+    "REASONS",
+    "SearchConfig",
+    "SearchError",
+    "SearchResult",
+    "TrialOutcome",
+    "choose_batch",
+    "fit_peak_memory",
+    "resolution",
+    "search_batch",
+]
+
+#: Why a trial ended: ``ok``; ``oom`` (allocation failed); ``over_target`` (ran, but
+#: peak memory above the limit: set by the search); ``too_slow`` (the trial itself gave
+#: up past its time budget); ``error`` (any other failure the trial chose to report).
+REASONS = ("ok", "oom", "over_target", "too_slow", "error")
+
+#: What "best batch" means: the fastest (within tolerance, largest wins) or the largest.
+OBJECTIVES = ("throughput", "memory")
+
+
+def resolution(batch: int) -> int:
+    """How close the bisection must bracket the edge above ``batch``.
+
+    Exact (1) below 64, where one sample is a visible share of the batch; 5 %
+    (``ceil(batch / 20)``, in integers) above.
+    """
+    return 1 if batch < 64 else -(-batch // 20)
+
+
+@dataclass
+class TrialOutcome:
+    """What one trial of the train step at one batch size measured."""
+
+    batch: int
+    ok: bool
+    """True when the step ran (and, once classified by the search, fitted the limit)."""
+    peak_bytes: int | None
+    """Peak memory the process held during the trial; None when not measured (OOM)."""
+    images_per_s: float | None
+    """Training throughput; None when the trial did not complete."""
+    seconds: float
+    """Wall-clock duration of the trial, compared with the time budget."""
+    reason: str
+    """One of :data:`REASONS`; ``ok`` exactly when ``ok`` is True."""
+    detail: str = ""
+    """Human-readable context: the exception text for ``oom``/``error``, the numbers
+    for ``over_target``."""
+    predicted: bool = False
+    """True when the linear memory fit proposed this batch (not doubling/bisection)."""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(
+                f"trial reason must be one of {', '.join(REASONS)}, got {self.reason!r}"
+            )
+        if self.ok != (self.reason == "ok"):
+            raise ValueError(
+                f"trial at batch {self.batch}: ok={self.ok} contradicts reason {self.reason!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialOutcome:
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass
+class SearchConfig:
+    """How the batch-size search runs; validated here so a bad value fails before any trial."""
+
+    target_bytes: int
+    """Peak memory the training process may reach."""
+    margin_bytes: int = 0
+    """Kept free below the target: trials must peak at or below ``target - margin``.
+    Covers what a trial does not see (longer runs fragment the allocator, evaluation
+    steps, a checkpoint save)."""
+    start: int = 1
+    """First batch tried; it must fit, or the search raises :class:`SearchError`."""
+    max_batch: int = 4096
+    """No trial is larger; reaching it successfully ends the search."""
+    max_trials: int = 20
+    """Hard cap on trials, whatever the phase."""
+    trial_time_budget_s: float | None = None
+    """A successful trial longer than this ends the search (None: no limit)."""
+    objective: str = "throughput"
+    """One of :data:`OBJECTIVES`: how the batch is chosen among successes."""
+    throughput_tolerance: float = 0.03
+    """For ``throughput``: the largest batch within this fraction of the best images/s wins."""
+    use_fit: bool = True
+    """Let a linear fit of peak memory over batch propose trials (always verified)."""
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.target_bytes) and self.target_bytes > 0,
+                 f"target memory must be a positive number of bytes, got {self.target_bytes!r}")
+        _require(_is_int(self.margin_bytes) and 0 <= self.margin_bytes < self.target_bytes,
+                 f"memory margin must be at least 0 and below the target "
+                 f"({format_bytes(self.target_bytes)}), got {self.margin_bytes!r}")
+        _require(_is_int(self.start) and self.start >= 1,
+                 f"start batch must be an integer >= 1, got {self.start!r}")
+        _require(_is_int(self.max_batch) and self.max_batch >= self.start,
+                 f"max batch must be an integer >= the start batch {self.start}, "
+                 f"got {self.max_batch!r}")
+        _require(_is_int(self.max_trials) and self.max_trials >= 1,
+                 f"max trials must be an integer >= 1, got {self.max_trials!r}")
+        budget = self.trial_time_budget_s
+        _require(budget is None or (_is_number(budget) and 0 < budget < math.inf),
+                 f"trial time budget must be a positive number of seconds, got {budget!r}")
+        _require(self.objective in OBJECTIVES,
+                 f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        _require(_is_number(self.throughput_tolerance) and 0 <= self.throughput_tolerance < 1,
+                 f"throughput tolerance must be in [0, 1), got {self.throughput_tolerance!r}")
+        _require(isinstance(self.use_fit, bool),
+                 f"use_fit must be true or false, got {self.use_fit!r}")
+
+    @property
+    def limit_bytes(self) -> int:
+        """The peak a successful trial may reach: target minus margin."""
+        return self.target_bytes - self.margin_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchConfig:
+        try:
+            return cls(**_known_fields(cls, data))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"SearchConfig: {exc}") from None
+
+
+class SearchError(RuntimeError):
+    """The start batch does not fit: there is no batch to choose."""
+
+    def __init__(self, outcome: TrialOutcome) -> None:
+        super().__init__(f"batch {outcome.batch} does not fit: {outcome.reason}: {outcome.detail}")
+        self.outcome = outcome
+
+
+@dataclass
+class SearchResult:
+    """The full record of a search: every trial in the order run, and the decision."""
+
+    trials: list[TrialOutcome]
+    chosen: int
+    stop_reason: str
+    """Why the search stopped, in words (shown in the table)."""
+    fit: tuple[float, float] | None = None
+    """(fixed_bytes, per_sample_bytes) over the successful trials; None when fewer than
+    two readings or a non-positive slope. Reported even when ``use_fit`` is off: it
+    costs nothing and explains the memory curve."""
+
+    def successes(self) -> list[TrialOutcome]:
+        return [t for t in self.trials if t.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trials": [t.to_dict() for t in self.trials],
+            "chosen": self.chosen,
+            "stop_reason": self.stop_reason,
+            "fit": None if self.fit is None else list(self.fit),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchResult:
+        fit = data.get("fit")
+        return cls(
+            trials=[TrialOutcome.from_dict(t) for t in data["trials"]],
+            chosen=data["chosen"],
+            stop_reason=data["stop_reason"],
+            fit=None if fit is None else (float(fit[0]), float(fit[1])),
+        )
+
+
+def fit_peak_memory(trials: Iterable[TrialOutcome]) -> tuple[float, float] | None:
+    """Least-squares ``peak = fixed + per_sample * batch`` over successful trials.
+
+    None with fewer than two distinct batches carrying a peak reading, or when the
+    slope is not positive (readings too noisy to say anything about the edge).
+    """
+    fit = _exact_fit(trials)
+    return None if fit is None else (float(fit[0]), float(fit[1]))
+
+
+def choose_batch(trials: Iterable[TrialOutcome], objective: str, tolerance: float) -> int:
+    """The batch to train with, among the successful trials (see the module docstring).
+
+    With ``throughput`` but no speed measured on any success, falls back to the
+    largest success: memory is then the only evidence there is.
+    """
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    successes = [t for t in trials if t.ok]
+    if not successes:
+        raise ValueError("no successful trial to choose a batch from")
+    timed = [t for t in successes if t.images_per_s is not None]
+    if objective == "memory" or not timed:
+        return max(t.batch for t in successes)
+    best = max(t.images_per_s for t in timed)
+    return max(t.batch for t in timed if t.images_per_s >= (1 - tolerance) * best)
+
+
+def search_batch(trial: Callable[[int], TrialOutcome], cfg: SearchConfig) -> SearchResult:
+    """Find the batch size to train with; see the module docstring for the algorithm.
+
+    ``trial(batch)`` must return a :class:`TrialOutcome` for that batch (catching OOM
+    itself); an exception it lets through ends the search unchanged.
+    """
+    return _Search(trial, cfg).run()
+
+
+class _Search:
+    """State of one search: the trials so far and whether the fit is still trusted."""
+
+    def __init__(self, trial: Callable[[int], TrialOutcome], cfg: SearchConfig) -> None:
+        self.trial = trial
+        self.cfg = cfg
+        self.trials: list[TrialOutcome] = []
+        self.fit_trusted = cfg.use_fit
+
+    def run(self) -> SearchResult:
+        cfg = self.cfg
+        first = self._try(cfg.start, predicted=False)
+        if not first.ok:
+            raise SearchError(first)
+        lo, hi = cfg.start, None  # largest success, smallest failure (None: still growing)
+        confirm = False  # the next trial confirms a successful prediction at lo
+        while True:
+            stop_reason = self._stop_reason(lo, hi)
+            if stop_reason is not None:
+                break
+            batch, predicted = self._next_batch(lo, hi, confirm)
+            outcome = self._try(batch, predicted)
+            if outcome.ok:
+                lo = batch
+            else:
+                hi = batch
+            if predicted and outcome.ok == confirm:
+                # b* failed (the fit overshot) or b* + resolution fitted (it undershot).
+                self.fit_trusted = False
+            confirm = predicted and not confirm and outcome.ok
+        return SearchResult(
+            trials=self.trials,
+            chosen=choose_batch(self.trials, cfg.objective, cfg.throughput_tolerance),
+            stop_reason=stop_reason,
+            fit=fit_peak_memory(self.trials),
+        )
+
+    def _stop_reason(self, lo: int, hi: int | None) -> str | None:
+        cfg = self.cfg
+        last = self.trials[-1]
+        budget = cfg.trial_time_budget_s
+        if last.ok and budget is not None and last.seconds > budget:
+            return f"trial at batch {last.batch} took {last.seconds:.3g} s > budget {budget:.3g} s"
+        if hi is None and lo == cfg.max_batch:
+            return f"reached max batch {cfg.max_batch}"
+        if hi is not None and hi - lo <= resolution(lo):
+            failed = next(t for t in self.trials if t.batch == hi)
+            return f"hit target between {lo} and {hi} (batch {hi}: {failed.reason})"
+        if len(self.trials) >= cfg.max_trials:
+            return f"trial budget exhausted ({cfg.max_trials} trials)"
+        return None
+
+    def _next_batch(self, lo: int, hi: int | None, confirm: bool) -> tuple[int, bool]:
+        """The next batch to try and whether the fit proposed it.
+
+        Every answer lies strictly above ``lo`` and strictly below ``hi`` (or at most
+        ``max_batch`` while growing), hence never repeats a trial.
+        """
+        cfg = self.cfg
+        if confirm:
+            # Below hi: otherwise hi - lo <= resolution(lo) and the search has stopped.
+            return min(lo + resolution(lo), cfg.max_batch), True
+        plain = min(2 * lo, cfg.max_batch) if hi is None else (lo + hi) // 2
+        upper = plain if hi is None else hi
+        predicted = self._prediction()
+        if predicted is not None and lo < predicted < upper:
+            return predicted, True
+        return plain, False
+
+    def _prediction(self) -> int | None:
+        if not self.fit_trusted:
+            return None
+        fit = _exact_fit(self.trials)
+        if fit is None:
+            return None
+        fixed, per_sample = fit
+        return math.floor((self.cfg.limit_bytes - fixed) / per_sample)
+
+    def _try(self, batch: int, predicted: bool) -> TrialOutcome:
+        """Run the trial, classify it against the limit, record and return it."""
+        outcome = self.trial(batch)
+        if outcome.batch != batch:
+            raise ValueError(
+                f"trial asked for batch {batch} returned an outcome for batch {outcome.batch}"
+            )
+        outcome = replace(outcome, predicted=predicted)
+        limit = self.cfg.limit_bytes
+        if outcome.ok and outcome.peak_bytes is not None and outcome.peak_bytes > limit:
+            outcome = replace(outcome, ok=False, reason="over_target",
+                              detail=self._over_detail(outcome.peak_bytes))
+        self.trials.append(outcome)
+        return outcome
+
+    def _over_detail(self, peak_bytes: int) -> str:
+        cfg = self.cfg
+        if cfg.margin_bytes:
+            return (f"peak {format_bytes(peak_bytes)} above the limit "
+                    f"{format_bytes(cfg.limit_bytes)} (target {format_bytes(cfg.target_bytes)} "
+                    f"- margin {format_bytes(cfg.margin_bytes)})")
+        return f"peak {format_bytes(peak_bytes)} above the target {format_bytes(cfg.target_bytes)}"
+
+
+def _exact_fit(trials: Iterable[TrialOutcome]) -> tuple[Fraction, Fraction] | None:
+    points = [(t.batch, t.peak_bytes) for t in trials if t.ok and t.peak_bytes is not None]
+    if len({b for b, _ in points}) < 2:
+        return None
+    n = len(points)
+    sum_b = sum(b for b, _ in points)
+    sum_p = sum(p for _, p in points)
+    sum_bb = sum(b * b for b, _ in points)
+    sum_bp = sum(b * p for b, p in points)
+    per_sample = Fraction(n * sum_bp - sum_b * sum_p, n * sum_bb - sum_b * sum_b)
+    if per_sample <= 0:
+        return None
+    fixed = (sum_p - per_sample * sum_b) / n
+    return fixed, per_sample
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """Refuse unknown keys: a typo in a saved file must not pass silently."""
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

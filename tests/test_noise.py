@@ -1,0 +1,557 @@
+"""Noise layers, the HiDDeN grammar parser and the Noiser, on small CPU tensors."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from arwgan.config import OFFICIAL_NOISE
+from arwgan.errors import ConfigError
+from arwgan.noise import (
+    Crop,
+    Cropout,
+    Dropout,
+    GaussianBlur,
+    GaussianNoise,
+    Identity,
+    JpegDiff,
+    JpegMask,
+    JpegReal,
+    NoiseSpec,
+    Noiser,
+    Resize,
+    build_layer,
+    build_noise_layers,
+    differentiable_round,
+    jpeg_quantization_tables,
+    parse_noise,
+)
+
+SHAPES = [(2, 3, 32, 32), (2, 3, 24, 40)]
+
+ALL_LAYERS = {
+    "identity": "identity()",
+    "crop": "crop((0.2,0.25),(0.3,0.5))",
+    "cropout": "cropout((0.55,0.6),(0.4,0.6))",
+    "dropout": "dropout(0.55,0.6)",
+    "resize": "resize(0.7,0.8)",
+    "resize_up": "resize(1.5,1.5)",
+    "jpeg_mask": "jpeg()",
+    "jpeg_diff": "jpeg(50)",
+    "jpegreal": "jpegreal(75)",
+    "blur": "gaussian(3,2.0)",
+    "blur7": "gaussian(7,1.5)",
+    "noise": "gaussian_noise(0.05)",
+    "noise_range": "gaussian_noise(0.01,0.1)",
+}
+
+
+def layer(text: str):
+    """The module of a one-layer spec (identity included, which parse_noise drops)."""
+    if text == "identity()":
+        return build_layer(NoiseSpec("identity"))
+    (spec,) = parse_noise(text)
+    return build_layer(spec)
+
+
+def smooth_image(batch: int, height: int, width: int) -> torch.Tensor:
+    """A low-frequency colour image in [-0.8, 0.8] (JPEG loses little of it)."""
+    ys = torch.linspace(0, math.pi, height)[:, None]
+    xs = torch.linspace(0, math.pi, width)[None, :]
+    channels = [torch.sin(ys + phase) * torch.cos(xs * 0.7 - phase) for phase in (0.0, 0.8, 1.6)]
+    image = 0.8 * torch.stack(channels)
+    return image.expand(batch, 3, height, width).clone()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(4 / torch.mean((a - b) ** 2)))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+# --- every layer ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["square", "wide"])
+@pytest.mark.parametrize("text", ALL_LAYERS.values(), ids=ALL_LAYERS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_keeps_shape_and_dtype(text, shape, dtype):
+    encoded = (torch.rand(shape) * 2 - 1).to(dtype)
+    cover = (torch.rand(shape) * 2 - 1).to(dtype)
+    noised = layer(text)(encoded, cover)
+    assert noised.shape == encoded.shape
+    assert noised.dtype == dtype
+    assert torch.isfinite(noised.float()).all()
+
+
+@pytest.mark.parametrize("text", ALL_LAYERS.values(), ids=ALL_LAYERS.keys())
+def test_layer_gives_finite_nonzero_gradient(text):
+    encoded = (torch.rand(2, 3, 24, 40) * 2 - 1).requires_grad_()
+    cover = torch.rand(2, 3, 24, 40) * 2 - 1
+    noised = layer(text)(encoded, cover)
+    (noised * torch.randn_like(noised)).sum().backward()
+    assert torch.isfinite(encoded.grad).all()
+    assert encoded.grad.abs().sum() > 0
+
+
+def test_layer_keeps_dtype_under_autocast():
+    encoded = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        noised = layer("jpeg(50)")(encoded, encoded)
+    assert noised.dtype == torch.float32
+
+
+def test_identity_returns_encoded():
+    encoded = torch.rand(2, 3, 8, 8)
+    assert Identity()(encoded, torch.zeros_like(encoded)) is encoded
+
+
+# --- crop, cropout, dropout --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("height_range", "width_range", "size", "window"),
+    [
+        ((0.5, 0.5), (0.25, 0.25), (32, 32), (16, 8)),
+        ((0.25, 0.25), (0.5, 0.5), (32, 32), (8, 16)),
+        ((0.1871, 0.1871), (0.1871, 0.1871), (32, 32), (6, 6)),
+        ((0.1871, 0.1871), (0.1871, 0.1871), (24, 40), (4, 7)),
+        ((0.01, 0.01), (1, 1), (24, 40), (1, 40)),
+    ],
+)
+def test_crop_keeps_exact_window_with_separate_axis_bounds(height_range, width_range, size, window):
+    ones = torch.ones(2, 3, *size)
+    cropped = Crop(height_range, width_range)(ones, -ones)
+    kept = cropped[0, 0] != 0
+    rows, cols = kept.any(dim=1).nonzero(), kept.any(dim=0).nonzero()
+    assert int(kept.sum()) == window[0] * window[1]
+    assert (len(rows), len(cols)) == window
+    # One contiguous window, the same for every image and channel.
+    assert int(rows[-1] - rows[0]) + 1 == window[0] and int(cols[-1] - cols[0]) + 1 == window[1]
+    assert torch.equal(cropped, cropped[:1, :1].expand_as(cropped))
+    assert set(cropped.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_crop_window_moves_and_draws_sizes_in_range():
+    ones = torch.ones(1, 3, 32, 32)
+    crop = Crop((0.25, 0.5), (0.5, 0.75))
+    windows = set()
+    for _ in range(50):
+        kept = crop(ones, ones)[0, 0] != 0
+        rows, cols = kept.any(dim=1).nonzero(), kept.any(dim=0).nonzero()
+        assert 8 <= len(rows) <= 16 and 16 <= len(cols) <= 24
+        windows.add((int(rows[0]), int(cols[0]), len(rows), len(cols)))
+    assert len(windows) > 10
+
+
+def test_cropout_takes_outside_from_cover():
+    ones = torch.ones(2, 3, 32, 32)
+    noised = Cropout((0.5, 0.5), (0.25, 0.25))(ones, -ones)
+    assert int((noised == 1).sum()) == 2 * 3 * 16 * 8
+    assert int((noised == -1).sum()) == 2 * 3 * (32 * 32 - 16 * 8)
+
+
+def test_dropout_keeps_fraction_of_encoded_shared_over_channels():
+    ones = torch.ones(4, 3, 64, 64)
+    noised = Dropout((0.3, 0.3))(ones, -ones)
+    assert set(noised.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(noised, noised[:, :1].expand_as(noised))
+    kept = float((noised == 1).float().mean())
+    assert abs(kept - 0.3) < 0.02  # 16k Bernoulli draws: std 0.0036
+
+
+def test_dropout_keep_one_is_identity():
+    encoded = torch.rand(2, 3, 16, 16)
+    assert torch.equal(Dropout((1, 1))(encoded, -encoded), encoded)
+
+
+# --- resize, blur, noise -----------------------------------------------------------------
+
+
+def test_resize_by_one_is_identity_and_by_half_blurs():
+    image = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(Resize((1, 1))(image, image), image, atol=1e-6)
+    checker = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2.0 - 1
+    halved = Resize((0.5, 0.5))(checker.expand(1, 3, 32, 32), image[:1])
+    assert halved.abs().max() < 0.1  # a 1-pixel checkerboard averages out
+
+
+def test_resize_keeps_smooth_image():
+    image = smooth_image(2, 32, 32)
+    assert psnr(Resize((0.8, 0.8))(image, image), image) > 30
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, 7])
+def test_blur_keeps_size_and_constant_images(kernel_size):
+    constant = torch.full((2, 3, 24, 40), 0.3)
+    blurred = GaussianBlur(kernel_size, 2.0)(constant, constant)
+    assert blurred.shape == constant.shape
+    assert torch.allclose(blurred, constant, atol=1e-6)
+
+
+def test_blur_kernel_one_is_identity_and_wider_kernel_smooths_more():
+    image = torch.rand(2, 3, 24, 40) * 2 - 1
+    assert torch.allclose(GaussianBlur(1, 2.0)(image, image), image)
+    residual = [
+        float((GaussianBlur(k, 2.0)(image, image) - image).abs().mean()) for k in (3, 5, 7)
+    ]
+    assert residual[0] < residual[1] < residual[2]
+
+
+def test_blur_on_image_smaller_than_kernel():
+    tiny = torch.rand(1, 3, 2, 3)
+    assert GaussianBlur(7, 1.0)(tiny, tiny).shape == tiny.shape
+
+
+def test_gaussian_noise_has_requested_std():
+    zeros = torch.zeros(4, 3, 64, 64)
+    noise = GaussianNoise((0.1, 0.1))(zeros, zeros)
+    assert abs(float(noise.std()) - 0.1) < 0.003
+    assert torch.equal(GaussianNoise((0, 0))(zeros, zeros), zeros)
+
+
+# --- JPEG ------------------------------------------------------------------------------
+
+
+def test_quantization_tables_follow_libjpeg():
+    tables = jpeg_quantization_tables(50)
+    assert tables[0, 0].tolist() == [16, 11, 10, 16, 24, 40, 51, 61]
+    assert tables[1, 0].tolist() == [17, 18, 24, 47, 99, 99, 99, 99]
+    assert torch.equal(jpeg_quantization_tables(100), torch.ones(2, 8, 8))
+    # quality 10: scale 500, (16 * 500 + 50) // 100 = 80; 99 * 5 caps at 255.
+    assert jpeg_quantization_tables(10)[0, 0, 0] == 80
+    assert jpeg_quantization_tables(10)[1, 7, 7] == 255
+    # quality 90: scale 20, (16 * 20 + 50) // 100 = 3.
+    assert jpeg_quantization_tables(90)[0, 0, 0] == 3
+
+
+def test_differentiable_round():
+    x = torch.tensor([0.0, 0.4, 1.5, 2.6, -1.2], requires_grad=True)
+    rounded = differentiable_round(x)
+    expected = torch.round(x) + (x - torch.round(x)) ** 3
+    assert torch.equal(rounded, expected)
+    rounded.sum().backward()
+    assert torch.allclose(x.grad, 3 * (x - torch.round(x)).detach() ** 2)
+
+
+def dct_basis(u: int, v: int, height: int, width: int) -> torch.Tensor:
+    """The (u, v) 8x8 DCT basis function tiled over a (height, width) image."""
+    rows = torch.cos((2 * torch.arange(height) % 16 + 1) * u * math.pi / 16)
+    cols = torch.cos((2 * torch.arange(width) % 16 + 1) * v * math.pi / 16)
+    return rows[:, None] * cols[None, :]
+
+
+GREY = torch.tensor([1.0, 1.0, 1.0])[:, None, None]  # luma only
+BLUE_CHROMA = torch.tensor([0.0, -0.344136, 1.772])[:, None, None]  # Cb only (JFIF)
+
+
+@pytest.mark.parametrize(
+    ("colour", "u", "v", "kept"),
+    [
+        (GREY, 4, 4, True),
+        (GREY, 0, 4, True),
+        (GREY, 5, 0, False),
+        (GREY, 2, 7, False),
+        (BLUE_CHROMA, 2, 2, True),
+        (BLUE_CHROMA, 3, 0, False),
+        (BLUE_CHROMA, 1, 4, False),
+    ],
+)
+def test_jpeg_mask_keeps_5x5_luma_and_3x3_chroma_frequencies(colour, u, v, kept):
+    pattern = 0.2 * colour * dct_basis(u, v, 16, 24)
+    image = (0.1 + pattern)[None]
+    masked = JpegMask()(image, image)
+    expected = image if kept else torch.full_like(image, 0.1)
+    assert torch.allclose(masked, expected, atol=1e-5)
+
+
+def test_jpeg_mask_keeps_smooth_image():
+    smooth = smooth_image(2, 24, 40)
+    assert psnr(JpegMask()(smooth, smooth), smooth) > 30
+
+
+def test_jpeg_diff_uses_quality():
+    image = smooth_image(2, 24, 40) + 0.1 * torch.rand(2, 3, 24, 40)
+    low = JpegDiff(10)(image, image)
+    high = JpegDiff(90)(image, image)
+    assert not torch.allclose(low, high)
+    assert psnr(high, image) > psnr(low, image) + 5
+    assert psnr(JpegDiff(100)(image, image), image) > 45
+
+
+def test_jpeg_real_close_at_high_quality_and_worse_at_low():
+    image = smooth_image(2, 32, 32)
+    high = JpegReal(90)(image, image)
+    low = JpegReal(10)(image, image)
+    assert psnr(high, image) > 30
+    assert psnr(low, image) < psnr(high, image)
+    assert ((high + 1) * 127.5).round().sub((high + 1) * 127.5).abs().max() < 1e-3  # uint8 levels
+
+
+def test_jpeg_real_gradient_is_straight_through():
+    encoded = smooth_image(2, 24, 40).requires_grad_()
+    weights = torch.randn(2, 3, 24, 40)
+    (JpegReal(50)(encoded, encoded.detach()) * weights).sum().backward()
+    assert torch.equal(encoded.grad, weights)
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def test_parser_accepts_official_spec_and_round_trips():
+    specs = parse_noise(OFFICIAL_NOISE)
+    assert specs == [
+        NoiseSpec("crop", ((0.1871, 0.1871), (0.1871, 0.1871))),
+        NoiseSpec("jpeg", ()),
+        NoiseSpec("dropout", (0.5477, 0.5477)),
+        NoiseSpec("resize", (0.8, 0.8)),
+        NoiseSpec("gaussian", (3, 2.0)),
+    ]
+    assert "+".join(str(s) for s in specs) == OFFICIAL_NOISE
+    assert [type(m) for m in build_noise_layers(OFFICIAL_NOISE)] == [
+        Crop,
+        JpegMask,
+        Dropout,
+        Resize,
+        GaussianBlur,
+    ]
+
+
+def test_parser_accepts_hidden_spec_with_whitespace():
+    hidden = "crop((0.2,0.25),(0.2,0.25))+cropout((0.55,0.6),(0.55,0.6))+dropout(0.55,0.6)" \
+        "+resize(0.7,0.8)+jpeg()"
+    spaced = " crop( (0.2, 0.25) ,(0.2,0.25) ) + cropout((0.55,0.6),(0.55,0.6))\n" \
+        "+ dropout( 0.55 , 0.6 )+resize(0.7,0.8) + jpeg ( ) "
+    assert parse_noise(spaced) == parse_noise(hidden)
+    assert "+".join(str(s) for s in parse_noise(spaced)) == hidden
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "jpeg(50)",
+        "jpeg",
+        "jpegreal(1)",
+        "gaussian(5,0.5)",
+        "gaussian_noise(0.1)",
+        "gaussian_noise(0,0.2)",
+        "resize(1.5,2)",
+        "dropout(1,1)",
+        "gaussian_noise(1e-05)",
+    ],
+)
+def test_parser_round_trips_other_layers(text):
+    (spec,) = parse_noise(text)
+    assert parse_noise(str(spec)) == [spec]
+
+
+@pytest.mark.parametrize("text", ["", "  ", "identity", "identity()", " identity ( ) "])
+def test_identity_only_specs_configure_nothing(text):
+    assert parse_noise(text) == []
+
+
+def test_numbers_keep_their_type():
+    (spec,) = parse_noise("gaussian(3,2)")
+    assert spec.args == (3, 2) and isinstance(spec.args[1], int)
+    (spec,) = parse_noise("resize(.5,1.)")
+    assert spec.args == (0.5, 1.0) and str(spec) == "resize(0.5,1.0)"
+
+
+@pytest.mark.parametrize(
+    ("spec", "offending"),
+    [
+        ("blur(3)", "'blur(3)': unknown layer 'blur' (known: crop, cropout, dropout"),
+        ("crop((0.1,0.2),(0.1,0.2)", "'crop((0.1,0.2),(0.1,0.2)': unbalanced parentheses"),
+        ("jpeg())", "'jpeg())': unbalanced parentheses"),
+        ("jpeg()+dropout(0.5,0.6))", "'dropout(0.5,0.6))': unbalanced parentheses"),
+        ("jpeg()+", "stray '+'"),
+        ("+jpeg()", "stray '+'"),
+        ("jpeg()++crop((0.1,0.1),(0.1,0.1))", "stray '+'"),
+        ("dropout(0.5)", "'dropout(0.5)': dropout takes 2 argument(s), got 1"),
+        ("dropout((0.5,0.6))", "'dropout((0.5,0.6))': dropout takes 2 argument(s), got 1"),
+        ("dropout(0.6,0.5)", "'dropout(0.6,0.5)': keep range min 0.6 > max 0.5"),
+        ("dropout(0,0.5)", "'dropout(0,0.5)': keep fraction must be in (0, 1], got 0"),
+        ("crop(0.2,0.3)", "'crop(0.2,0.3)': height range must be a pair (min,max), got 0.2"),
+        ("crop((0.2,0.3),(0.5,1.2))", "width fraction must be in (0, 1], got 1.2"),
+        ("crop((0.3,0.2),(0.5,0.6))", "'crop((0.3,0.2),(0.5,0.6))': height range min 0.3 > max"),
+        ("cropout((0.5,0.6))", "'cropout((0.5,0.6))': cropout takes 2 argument(s), got 1"),
+        ("gaussian(4,1.0)", "'gaussian(4,1.0)': kernel size must be odd and >= 1, got 4"),
+        ("gaussian(-3,1.0)", "kernel size must be odd and >= 1, got -3"),
+        ("gaussian(3.0,1.0)", "'gaussian(3.0,1.0)': kernel size must be an integer, got 3.0"),
+        ("gaussian(3,0)", "'gaussian(3,0)': sigma must be > 0, got 0"),
+        ("jpeg(0)", "'jpeg(0)': quality must be in 1..100, got 0"),
+        ("jpeg(101)", "'jpeg(101)': quality must be in 1..100, got 101"),
+        ("jpeg(50.5)", "'jpeg(50.5)': quality must be an integer, got 50.5"),
+        ("jpegreal()", "'jpegreal()': jpegreal takes 1 argument(s), got 0"),
+        ("gaussian_noise(-0.1)", "'gaussian_noise(-0.1)': std must be >= 0, got -0.1"),
+        ("gaussian_noise(0.2,0.1)", "std range min 0.2 > max 0.1"),
+        ("resize(0,0.5)", "'resize(0,0.5)': scale must be > 0, got 0"),
+        ("resize(0.5,(1,2))", "argument 2 must be a number, got a pair (1,2)"),
+        ("resize(0.5,,0.6)", "'resize(0.5,,0.6)': expected a number, got ','"),
+        ("resize(0.5 0.6)", "'resize(0.5 0.6)': expected ')', got '0.6'"),
+        ("resize(0.5;0.6)", "unexpected character ';' at column 11"),
+        ("jpeg() crop((0.1,0.1),(0.1,0.1))", "unexpected 'crop' at column 8 after the layer"),
+        ("crop(((0.1,0.2)),(0.1,0.2))", "expected a number, got '('"),
+        ("resize(1e999,1e999)", "number '1e999' at column 8 is too large"),
+        ("identity(1)", "'identity(1)': identity takes 0 argument(s), got 1"),
+    ],
+)
+def test_parser_rejects_malformed_spec_naming_the_part(spec, offending):
+    with pytest.raises(ConfigError) as info:
+        parse_noise(spec)
+    assert offending in str(info.value)
+
+
+def test_parser_rejects_non_string():
+    with pytest.raises(ConfigError, match="must be a string"):
+        parse_noise(None)
+
+
+def test_build_layer_validates_hand_made_spec():
+    with pytest.raises(ConfigError, match=r"bad noise layer 'gaussian\(2,1.0\)'"):
+        build_layer(NoiseSpec("gaussian", (2, 1.0)))
+    assert isinstance(build_layer(NoiseSpec("jpeg", (75,))), JpegDiff)
+    assert isinstance(build_layer(NoiseSpec("jpegreal", (75,))), JpegReal)
+    assert isinstance(build_layer(NoiseSpec("cropout", ((0.5, 0.5), (0.5, 0.5)))), Cropout)
+    assert isinstance(build_layer(NoiseSpec("gaussian_noise", (0.1,))), GaussianNoise)
+
+
+# --- Noiser ----------------------------------------------------------------------------
+
+
+def choices(noiser: Noiser, draws: int) -> list[int]:
+    """Which layer the noiser picks on each call, read off a copy of its generator."""
+    picked = []
+    encoded = torch.ones(1, 3, 16, 16)
+    for _ in range(draws):
+        before = noiser.get_rng_state()
+        index = int(torch.randint(len(noiser.layers), (), generator=_generator(before)))
+        picked.append(index)
+        noiser(encoded, -encoded)
+    return picked
+
+
+def _generator(state: torch.Tensor) -> torch.Generator:
+    generator = torch.Generator()
+    generator.set_state(state)
+    return generator
+
+
+def test_noiser_names_and_layers():
+    noiser = Noiser(OFFICIAL_NOISE, seed=0)
+    assert noiser.names == [
+        "identity",
+        "crop((0.1871,0.1871),(0.1871,0.1871))",
+        "jpeg()",
+        "dropout(0.5477,0.5477)",
+        "resize(0.8,0.8)",
+        "gaussian(3,2.0)",
+    ]
+    assert noiser.attack_names() == noiser.names[1:]
+    assert [s.name for s in noiser.specs] == [
+        "identity", "crop", "jpeg", "dropout", "resize", "gaussian"
+    ]
+    assert isinstance(noiser.layers[0], Identity)
+    assert Noiser("", seed=0).names == ["identity"]
+
+
+def test_noiser_same_seed_same_choices_and_roughly_uniform():
+    spec = "crop((0.5,0.5),(0.5,0.5))+gaussian_noise(0.5)+dropout(0.5,0.5)"
+    encoded, cover = torch.ones(1, 3, 8, 8), -torch.ones(1, 3, 8, 8)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(3)  # the layers' own randomness
+        noiser = Noiser(spec, seed=7)
+        outputs.append(torch.stack([noiser(encoded, cover) for _ in range(20)]))
+    assert torch.equal(outputs[0], outputs[1])
+
+    picked = Counter(choices(Noiser(spec, seed=7), 800))
+    assert sorted(picked) == [0, 1, 2, 3]
+    assert all(150 < n < 250 for n in picked.values())  # 200 expected, std 12
+    assert choices(Noiser(spec, seed=7), 30) == choices(Noiser(spec, seed=7), 30)
+    assert choices(Noiser(spec, seed=7), 30) != choices(Noiser(spec, seed=8), 30)
+
+
+def test_noiser_choice_does_not_touch_global_rng():
+    noiser = Noiser("jpeg()", seed=0)
+    image = torch.rand(1, 3, 8, 8)
+    state = torch.get_rng_state()
+    for _ in range(10):
+        noiser(image, image)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_noiser_rng_state_resumes_the_sequence():
+    noiser = Noiser("jpeg()+resize(0.5,0.5)+gaussian(3,1.0)", seed=1)
+    choices(noiser, 5)
+    state = noiser.get_rng_state()
+    expected = choices(noiser, 20)
+    restored = Noiser("jpeg()+resize(0.5,0.5)+gaussian(3,1.0)", seed=99)
+    restored.set_rng_state(state)
+    assert choices(restored, 20) == expected
+
+
+def test_noiser_apply_by_name_index_and_bare_name():
+    noiser = Noiser(OFFICIAL_NOISE, seed=0)
+    ones = torch.ones(2, 3, 32, 32)
+    by_name = noiser.apply("crop((0.1871,0.1871),(0.1871,0.1871))", ones, -ones)
+    assert int((by_name != 0).sum()) == 2 * 3 * 6 * 6
+    spaced = noiser.apply("crop( (0.1871, 0.1871), (0.1871, 0.1871) )", ones, -ones)
+    assert int((spaced != 0).sum()) == 2 * 3 * 6 * 6
+    assert torch.equal(noiser.apply("identity", ones, -ones), ones)
+    assert torch.equal(noiser.apply("identity()", ones, -ones), ones)
+    image = smooth_image(2, 32, 32)
+    assert torch.equal(noiser.apply("jpeg", image, image), noiser.apply(2, image, image))
+    assert torch.equal(noiser.apply("jpeg()", image, image), JpegMask()(image, image))
+    assert noiser.index_of("gaussian") == 5
+
+
+def test_noiser_apply_rejects_unknown_attack():
+    noiser = Noiser("crop((0.5,0.5),(0.5,0.5))+crop((0.2,0.2),(0.2,0.2))", seed=0)
+    ones = torch.ones(1, 3, 8, 8)
+    with pytest.raises(ConfigError, match="unknown attack 'jpeg\\(\\)'"):
+        noiser.apply("jpeg()", ones, ones)
+    with pytest.raises(ConfigError, match="unknown attack 'crop'"):
+        noiser.apply("crop", ones, ones)  # ambiguous bare name
+    with pytest.raises(ConfigError, match="out of range 0..2"):
+        noiser.apply(3, ones, ones)
+
+
+def test_noiser_keeps_module_apply_for_parents():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), Noiser("jpeg()", seed=0))
+    visited = []
+    model.apply(lambda module: visited.append(type(module).__name__))
+    assert visited.count("Noiser") == 1 and "JpegMask" in visited
+
+
+def test_noiser_rejects_bad_spec_and_seed():
+    with pytest.raises(ConfigError, match="unknown layer 'blur'"):
+        Noiser("blur(3)", seed=0)
+    with pytest.raises(ConfigError, match="seed"):
+        Noiser("", seed="0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "text", ["resize(0.8,0.8)", "jpeg()", "jpeg(50)", "jpegreal(75)", "gaussian(5,2.0)"]
+)
+def test_deterministic_layers_match_cpu_on_cuda_and_keep_dtype_under_autocast(text):
+    image = smooth_image(2, 24, 40) + 0.05 * torch.rand(2, 3, 24, 40)
+    module = layer(text)
+    on_cpu = module(image, image)
+    on_cuda = module(image.cuda(), image.cuda())  # the module itself stays on the CPU
+    assert on_cuda.device.type == "cuda"
+    assert float((on_cuda.cpu() - on_cpu).abs().mean()) < 1e-3
+    encoded = image.cuda().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        noised = module.cuda()(encoded, encoded.detach())
+    assert noised.dtype == torch.float32 and noised.shape == image.shape
+    noised.sum().backward()
+    assert torch.isfinite(encoded.grad).all() and encoded.grad.abs().sum() > 0

@@ -1,0 +1,479 @@
+"""Batch-size search driven by fake trials: exact sequences of batches, written by hand.
+
+Units: GB = 1e9 bytes, so a model "1 GB + 100 MB per sample" is easy to check on paper.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from arwgan.errors import ConfigError
+from autotune.search import (
+    SearchConfig,
+    SearchError,
+    SearchResult,
+    TrialOutcome,
+    choose_batch,
+    fit_peak_memory,
+    resolution,
+    search_batch,
+)
+
+GB = 10**9
+OOM_TEXT = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)"
+
+
+def gb(x: float) -> int:
+    return int(round(x * GB))
+
+
+def linear(fixed_gb: float, per_sample_gb: float):
+    return lambda b: gb(fixed_gb + per_sample_gb * b)
+
+
+def _value(source, batch):
+    if source is None:
+        return None
+    if isinstance(source, dict):
+        return source[batch]  # an unplanned batch fails the test with a KeyError
+    return source(batch)
+
+
+class FakeTrial:
+    """A trial that records the batches asked for.
+
+    ``peaks``/``ips``/``seconds`` are a dict (batch -> value), a function of the batch,
+    or None (not measured). Above ``oom_above`` the trial reports an OOM with no peak.
+    """
+
+    def __init__(self, peaks=None, oom_above=None, ips=float, seconds=0.01):
+        self.peaks = peaks
+        self.oom_above = oom_above
+        self.ips = ips
+        self.seconds = seconds
+        self.calls: list[int] = []
+
+    def __call__(self, batch: int) -> TrialOutcome:
+        self.calls.append(batch)
+        seconds = self.seconds if isinstance(self.seconds, float) else _value(self.seconds, batch)
+        if self.oom_above is not None and batch > self.oom_above:
+            return TrialOutcome(batch, False, None, None, seconds, "oom", OOM_TEXT)
+        peak, ips = _value(self.peaks, batch), _value(self.ips, batch)
+        return TrialOutcome(batch, True, peak, ips, seconds, "ok")
+
+
+def run(trial: FakeTrial, **cfg) -> SearchResult:
+    cfg.setdefault("target_bytes", 80 * GB)
+    result = search_batch(trial, SearchConfig(**cfg))
+    assert [t.batch for t in result.trials] == trial.calls
+    return result
+
+
+def predicted(result: SearchResult) -> list[int]:
+    return [t.batch for t in result.trials if t.predicted]
+
+
+# (a) a plain OOM threshold ------------------------------------------------------------
+
+PLAIN_OOM_100 = [1, 2, 4, 8, 16, 32, 64, 128, 96, 112, 104, 100]
+
+
+def test_oom_threshold_without_fit():
+    # 128 fails; bisect 64..128: 96 ok, 112 oom, 104 oom, 100 ok; 104 - 100 <= resolution(100) = 5.
+    trial = FakeTrial(oom_above=100)
+    result = run(trial, use_fit=False)
+    assert trial.calls == PLAIN_OOM_100
+    assert result.chosen == 100
+    assert result.stop_reason == "hit target between 100 and 104 (batch 104: oom)"
+    assert [t.reason for t in result.trials if not t.ok] == ["oom", "oom", "oom"]
+    assert predicted(result) == []
+
+
+def test_oom_threshold_with_fit_far_from_target_changes_nothing():
+    # 1 GB + 10 MB/sample under an 80 GB target predicts b* = 7900: never inside a bracket.
+    trial = FakeTrial(peaks=linear(1, 0.01), oom_above=100)
+    result = run(trial, use_fit=True)
+    assert trial.calls == PLAIN_OOM_100
+    assert predicted(result) == []
+    assert result.fit == pytest.approx((1e9, 1e7))
+
+
+def test_oom_threshold_without_peak_readings_has_no_fit():
+    trial = FakeTrial(peaks=None, oom_above=100)
+    result = run(trial, use_fit=True)
+    assert trial.calls == PLAIN_OOM_100
+    assert result.fit is None
+
+
+def test_failed_prediction_falls_back_to_bisection():
+    # 1 GB + 100 MB/sample, target 12 GB: b* = 110, inside (64, 128), so 110 is tried
+    # instead of 128, and OOMs (the device runs out at 100 before the target).
+    # Plain bisection of 64..110 follows: 87 ok, 98 ok, 104 oom, 101 oom; 101 - 98 <= 5.
+    trial = FakeTrial(peaks=linear(1, 0.1), oom_above=100)
+    result = run(trial, target_bytes=12 * GB, objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 110, 87, 98, 104, 101]
+    assert predicted(result) == [110]
+    assert result.chosen == 98
+
+
+def test_start_above_one():
+    trial = FakeTrial(oom_above=50)
+    result = run(trial, start=3, use_fit=False)
+    assert trial.calls == [3, 6, 12, 24, 48, 96, 72, 60, 54, 51, 49, 50]
+    assert result.chosen == 50
+
+
+# (b) memory model hitting the target between two powers of two -------------------------
+
+def test_fit_predicts_target_between_powers_of_two():
+    # 1 GB + 100 MB/sample, target 8 GB: b* = 70 exactly. Growth jumps from 64 to 70
+    # (< 128) and confirms with 70 + resolution(70) = 74, which is over the target.
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    result = run(trial, target_bytes=8 * GB, objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 70, 74]
+    assert predicted(result) == [70, 74]
+    assert result.chosen == 70
+    assert result.stop_reason == "hit target between 70 and 74 (batch 74: over_target)"
+    seventy = result.trials[7]
+    assert seventy.ok and seventy.peak_bytes == 8 * GB  # exactly at the target still fits
+    over = result.trials[8]
+    assert (over.ok, over.reason, over.peak_bytes) == (False, "over_target", gb(8.4))
+    assert over.detail == "peak 7.82 GiB above the target 7.45 GiB"
+    assert result.fit == pytest.approx((1e9, 1e8))
+
+
+def test_same_model_without_fit_bisects():
+    # 128 over; 96 over, 80 over, 72 over (8.2 GB), 68 ok; 72 - 68 <= resolution(68) = 4.
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    result = run(trial, target_bytes=8 * GB, objective="memory", use_fit=False)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 96, 80, 72, 68]
+    assert predicted(result) == []
+    assert result.chosen == 68
+
+
+def test_search_records_a_copy_for_over_target():
+    returned: list[TrialOutcome] = []
+    fake = FakeTrial(peaks=linear(1, 0.1))
+
+    def trial(batch: int) -> TrialOutcome:
+        returned.append(fake(batch))
+        return returned[-1]
+
+    result = search_batch(trial, SearchConfig(target_bytes=8 * GB))
+    assert returned[-1].ok and returned[-1].reason == "ok"
+    assert not result.trials[-1].ok and result.trials[-1].reason == "over_target"
+
+
+def test_confirmed_edge_further_out_distrusts_the_fit():
+    # Linear up to 64 predicts 70; 70 and the confirmation 74 both fit (memory flattens),
+    # so the fit was wrong once and is not used again. A trusted refit would propose 77
+    # next; instead growth doubles to 148, then bisects 74..148 plainly.
+    peaks = {b: gb(1 + 0.1 * b) for b in (1, 2, 4, 8, 16, 32, 64)}
+    peaks.update({70: gb(7.2), 74: gb(7.3), 148: gb(15), 111: gb(8.6), 92: gb(7.9),
+                  101: gb(8.1), 96: gb(8.0)})
+    trial = FakeTrial(peaks=peaks)
+    result = run(trial, target_bytes=8 * GB, objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 70, 74, 148, 111, 92, 101, 96]
+    assert predicted(result) == [70, 74]
+    assert result.chosen == 96
+    assert result.stop_reason == "hit target between 96 and 101 (batch 101: over_target)"
+
+
+# (c) the first trial fails ---------------------------------------------------------------
+
+def test_oom_at_first_trial_raises():
+    trial = FakeTrial(oom_above=0)
+    expected = r"^batch 1 does not fit: oom: CUDA out of memory\. Tried"
+    with pytest.raises(SearchError, match=expected) as info:
+        run(trial)
+    assert trial.calls == [1]
+    assert info.value.outcome.reason == "oom"
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_over_target_at_first_trial_raises():
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    with pytest.raises(SearchError) as info:
+        run(trial, start=8, target_bytes=2 * GB, margin_bytes=gb(0.5))
+    assert str(info.value) == (
+        "batch 8 does not fit: over_target: peak 1.68 GiB above the limit 1.4 GiB "
+        "(target 1.86 GiB - margin 477 MiB)"
+    )
+    assert trial.calls == [8]
+
+
+# (d) the target is never reached -----------------------------------------------------------
+
+@pytest.mark.parametrize("use_fit", [False, True])
+def test_stops_at_max_batch(use_fit):
+    trial = FakeTrial(peaks=linear(1, 0.001))
+    result = run(trial, max_batch=256, use_fit=use_fit)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert result.chosen == 256
+    assert result.stop_reason == "reached max batch 256"
+
+
+def test_max_batch_not_a_power_of_two_is_clamped():
+    trial = FakeTrial()
+    result = run(trial, max_batch=200)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 200]
+    assert result.stop_reason == "reached max batch 200"
+
+
+def test_start_equal_to_max_batch_is_one_trial():
+    trial = FakeTrial()
+    result = run(trial, start=32, max_batch=32)
+    assert trial.calls == [32]
+    assert result.chosen == 32
+
+
+# (e) noisy, non-monotonic memory readings ------------------------------------------------------
+
+def test_noisy_readings_with_non_positive_slope_ignore_the_fit():
+    # Readings shrink as the batch grows (allocator caching): every fit has slope <= 0
+    # (checked on paper), so nothing is predicted and the device's OOM above 40 decides.
+    peaks = {1: gb(3.0), 2: gb(2.9), 4: gb(2.9), 8: gb(2.8), 16: gb(2.9), 32: gb(2.7), 40: gb(2.6)}
+    trial = FakeTrial(peaks=peaks, oom_above=40)
+    result = run(trial, target_bytes=8 * GB)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 48, 40, 44, 42, 41]
+    assert predicted(result) == []
+    assert result.fit is None
+    assert result.chosen == 40
+
+
+def test_jittered_readings_terminate_and_bracket():
+    # Model about 1 GB + 100 MB/sample with jitter; batch 2 and batch 8 read lower than
+    # the batch before them. Fits (worked out by hand, target 8 GB):
+    #   after 1, 2: slope < 0, no prediction; after 4: b* = 64, not in (4, 8);
+    #   after 8: b* = 145; after 16: b* = 63, not in (16, 32); after 32: b* = 73, not in (32, 64).
+    # 64 reads 8.4 GB: over. Bracket 32..64, b* = 73 outside: midpoint 48 (7.0 GB, ok).
+    # Refit: b* = 60, inside (48, 64): tried (7.7 GB ok), confirmed at 61 (7.8 GB ok):
+    # the edge is further out than predicted, so plain bisection: 62 (8.2 GB) over.
+    peaks = {1: gb(1.4), 2: gb(0.9), 4: gb(1.6), 8: gb(1.5), 16: gb(2.9), 32: gb(4.0),
+             64: gb(8.4), 48: gb(7.0), 60: gb(7.7), 61: gb(7.8), 62: gb(8.2)}
+    trial = FakeTrial(peaks=peaks)
+    result = run(trial, target_bytes=8 * GB, objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 48, 60, 61, 62]
+    assert predicted(result) == [60, 61]
+    assert len(set(trial.calls)) == len(trial.calls)
+    assert result.chosen == 61
+    assert result.stop_reason == "hit target between 61 and 62 (batch 62: over_target)"
+    fixed, per_sample = result.fit
+    assert per_sample > 0
+
+
+@pytest.mark.parametrize("use_fit", [False, True])
+@pytest.mark.parametrize("start,max_batch", [(1, 4096), (3, 256)])
+def test_invariants_over_many_limits(use_fit, start, max_batch):
+    """Never repeat, never exceed max_batch or max_trials, bracket the edge when closed."""
+    rng = random.Random(1234)
+    for oom_above in range(start, 400, 3):
+        def peak(b):  # jittered linear memory, so the fit is noisy but usable
+            return gb(0.5 + 0.05 * b + rng.uniform(-0.3, 0.3))
+
+        trial = FakeTrial(peaks=peak, oom_above=oom_above)
+        result = run(trial, start=start, max_batch=max_batch, target_bytes=12 * GB,
+                     objective="memory", use_fit=use_fit)
+        calls = trial.calls
+        assert len(set(calls)) == len(calls)
+        assert max(calls) <= max_batch and len(calls) <= 20
+        ok = [t.batch for t in result.trials if t.ok]
+        failed = [t.batch for t in result.trials if not t.ok]
+        assert result.chosen == max(ok)
+        if failed:
+            assert max(ok) < min(failed)
+        if result.stop_reason.startswith("hit target"):
+            assert min(failed) - max(ok) <= resolution(max(ok))
+        else:
+            assert result.stop_reason in ("reached max batch 256", "trial budget exhausted (20 trials)")
+
+
+# (f) the trial cap ----------------------------------------------------------------------------
+
+def test_max_trials_caps_the_search():
+    trial = FakeTrial(oom_above=100)
+    result = run(trial, use_fit=False, max_trials=9)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 96]
+    assert result.stop_reason == "trial budget exhausted (9 trials)"
+    assert result.chosen == 96
+
+
+def test_single_trial():
+    trial = FakeTrial()
+    result = run(trial, max_trials=1)
+    assert trial.calls == [1]
+    assert result.chosen == 1
+    assert result.stop_reason == "trial budget exhausted (1 trials)"
+
+
+# (g) the time budget ---------------------------------------------------------------------------
+
+def test_slow_success_stops_growth_and_is_kept():
+    trial = FakeTrial(seconds=lambda b: b / 100)
+    result = run(trial, trial_time_budget_s=1.0)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert result.stop_reason == "trial at batch 128 took 1.28 s > budget 1 s"
+    assert result.trials[-1].ok and result.trials[-1].reason == "ok"
+    assert result.chosen == 128
+
+
+def test_slow_failure_does_not_stop_bisection_but_slow_success_does():
+    # 128 OOMs after 1.28 s: only a failure, later trials are smaller. 96 fits but takes
+    # 0.96 s > 0.9 s: the next trial (112) would be larger still, so the search ends.
+    trial = FakeTrial(oom_above=100, seconds=lambda b: b / 100)
+    result = run(trial, use_fit=False, trial_time_budget_s=0.9)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 96]
+    assert result.stop_reason == "trial at batch 96 took 0.96 s > budget 0.9 s"
+    assert result.chosen == 96
+
+
+# (h) objective: throughput vs memory -------------------------------------------------------------
+
+SATURATING_IPS = {1: 50.0, 2: 95.0, 4: 180.0, 8: 320.0, 16: 500.0, 32: 640.0,
+                  64: 700.0, 96: 690.0, 100: 675.0}
+
+
+def test_throughput_objective_picks_largest_within_tolerance():
+    # Best 700 images/s at 64; 3 % below is 679: 96 (690) qualifies, 100 (675) does not.
+    trial = FakeTrial(oom_above=100, ips=SATURATING_IPS)
+    result = run(trial, use_fit=False, objective="throughput")
+    assert trial.calls == PLAIN_OOM_100
+    assert result.chosen == 96
+
+
+def test_memory_objective_picks_largest_success():
+    trial = FakeTrial(oom_above=100, ips=SATURATING_IPS)
+    result = run(trial, use_fit=False, objective="memory")
+    assert result.chosen == 100
+
+
+def test_choose_batch_rules():
+    trials = [TrialOutcome(b, True, None, SATURATING_IPS[b], 0.1, "ok") for b in (16, 64, 96, 100)]
+    trials.append(TrialOutcome(128, False, None, None, 0.1, "oom"))
+    assert choose_batch(trials, "throughput", 0.03) == 96
+    assert choose_batch(trials, "throughput", 0.0) == 64
+    assert choose_batch(trials, "throughput", 0.5) == 100
+    assert choose_batch(trials, "memory", 0.03) == 100
+    untimed = [TrialOutcome(b, True, None, None, 0.1, "ok") for b in (8, 16)]
+    assert choose_batch(untimed, "throughput", 0.03) == 16
+    with pytest.raises(ValueError, match="no successful trial"):
+        choose_batch(trials[-1:], "memory", 0.03)
+    with pytest.raises(ConfigError, match="objective"):
+        choose_batch(trials, "speed", 0.03)
+
+
+# (i) resolution --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "batch,expected",
+    [(1, 1), (63, 1), (64, 4), (80, 4), (81, 5), (100, 5), (101, 6), (120, 6), (140, 7),
+     (992, 50), (1000, 50)],
+)
+def test_resolution(batch, expected):
+    assert resolution(batch) == expected
+
+
+def test_bisection_above_64_stops_at_five_percent():
+    # 512..1024: 768, 896, 960, 992 all fit; 1024 - 992 = 32 <= resolution(992) = 50.
+    trial = FakeTrial(oom_above=1000)
+    result = run(trial, use_fit=False)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 768, 896, 960, 992]
+    assert result.chosen == 992
+    assert result.stop_reason == "hit target between 992 and 1024 (batch 1024: oom)"
+
+
+def test_bisection_below_64_is_exact():
+    trial = FakeTrial(oom_above=45)
+    result = run(trial, use_fit=False)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 48, 40, 44, 46, 45]
+    assert result.chosen == 45
+
+
+# (j) margin ---------------------------------------------------------------------------------------
+
+def test_without_margin_the_target_itself_is_the_limit():
+    # Target 8.5 GB: b* = 75 (8.5 GB, fits), confirmation 79 (8.9 GB) does not.
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    result = run(trial, target_bytes=gb(8.5), objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 75, 79]
+    assert result.chosen == 75
+
+
+def test_margin_lowers_the_limit():
+    # Target 8.5 GB - margin 0.5 GB = the 8 GB limit of the b* = 70 case above.
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    result = run(trial, target_bytes=gb(8.5), margin_bytes=gb(0.5), objective="memory")
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 70, 74]
+    assert result.chosen == 70
+    assert result.trials[-1].detail == (
+        "peak 7.82 GiB above the limit 7.45 GiB (target 7.92 GiB - margin 477 MiB)"
+    )
+
+
+# Records, config validation, fit ----------------------------------------------------------------
+
+def test_trial_must_answer_for_the_batch_asked():
+    with pytest.raises(ValueError, match="asked for batch 1 returned an outcome for batch 2"):
+        search_batch(lambda b: TrialOutcome(2, True, None, None, 0.1, "ok"),
+                     SearchConfig(target_bytes=GB))
+
+
+def test_trial_outcome_validation_and_round_trip():
+    with pytest.raises(ValueError, match="reason"):
+        TrialOutcome(1, True, None, None, 0.1, "fine")
+    with pytest.raises(ValueError, match="contradicts"):
+        TrialOutcome(1, True, None, None, 0.1, "oom")
+    outcome = TrialOutcome(8, False, None, None, 0.5, "oom", OOM_TEXT, predicted=True)
+    assert TrialOutcome.from_dict(outcome.to_dict()) == outcome
+    with pytest.raises(ValueError, match="unknown field"):
+        TrialOutcome.from_dict({**outcome.to_dict(), "peak": 1})
+
+
+def test_search_result_round_trip():
+    result = run(FakeTrial(peaks=linear(1, 0.1)), target_bytes=8 * GB)
+    again = SearchResult.from_dict(result.to_dict())
+    assert again == result
+    assert [t.batch for t in again.successes()] == [1, 2, 4, 8, 16, 32, 64, 70]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"target_bytes": 0}, "target memory"),
+        ({"target_bytes": 1.5e9}, "target memory"),
+        ({"margin_bytes": -1}, "margin"),
+        ({"margin_bytes": GB}, "margin"),
+        ({"start": 0}, "start batch"),
+        ({"start": True}, "start batch"),
+        ({"max_batch": 0}, "max batch"),
+        ({"start": 64, "max_batch": 32}, "max batch"),
+        ({"max_trials": 0}, "max trials"),
+        ({"trial_time_budget_s": 0}, "time budget"),
+        ({"trial_time_budget_s": float("nan")}, "time budget"),
+        ({"objective": "speed"}, "objective"),
+        ({"throughput_tolerance": 1.0}, "tolerance"),
+        ({"throughput_tolerance": -0.1}, "tolerance"),
+        ({"use_fit": "yes"}, "use_fit"),
+    ],
+)
+def test_search_config_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig(**{"target_bytes": GB, **overrides})
+
+
+def test_search_config_round_trip():
+    cfg = SearchConfig(target_bytes=8 * GB, margin_bytes=GB, start=4, trial_time_budget_s=30.0)
+    assert SearchConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.limit_bytes == 7 * GB
+    with pytest.raises(ConfigError, match="unknown field"):
+        SearchConfig.from_dict({"target_bytes": GB, "targte": 1})
+
+
+def test_fit_peak_memory():
+    ok = [TrialOutcome(b, True, gb(1 + 0.1 * b), None, 0.1, "ok") for b in (2, 4)]
+    assert fit_peak_memory(ok) == pytest.approx((1e9, 1e8))
+    assert fit_peak_memory(ok[:1]) is None
+    oom = TrialOutcome(8, False, None, None, 0.1, "oom")
+    assert fit_peak_memory([ok[0], oom]) is None
