@@ -52,7 +52,8 @@ def train(
     prefetch_factor: Annotated[Optional[int], typer.Option(help="Batches prefetched per worker. [default: 2]")] = None,
     channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory format.")] = None,
     loss_weights: Annotated[Optional[str], typer.Option(help="e.g. adv=0.001,ssim=0.1,mse=0.7,msg=1.5")] = None,
-    from_tuned: Annotated[Optional[Path], typer.Option(is_flag=False, flag_value="runs/tuned.json", help="Train with the configuration arwgan-autotune wrote (default file runs/tuned.json); explicit flags override it.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch in which this much time has passed.")] = None,
+    from_tuned: Annotated[Optional[Path], typer.Option(help="Train with the configuration arwgan-autotune wrote (given alone: runs/tuned.json); explicit flags override it.")] = None,
     force: Annotated[bool, typer.Option(help="Use a tuned file even if it was made for another model config.")] = False,
 ) -> None:
     """Train ARWGAN (attention-guided robust watermarking GAN)."""
@@ -86,6 +87,7 @@ def train(
             "steps_per_epoch": steps_per_epoch,
             "val_images": val_images,
             "channels_last": channels_last,
+            "max_minutes": max_minutes,
         }
         if loss_weights is not None:
             for key, value in parse_loss_weights(loss_weights).items():
@@ -129,4 +131,5 @@ def tuned_base(path, base, image_size, message_bits, channels, noise, force) -> 
     return apply_tuned(tuned, base)
 
 
-main = entry_point(app)
+DEFAULT_TUNED = "runs/tuned.json"
+main = entry_point(app, optional_values={"--from-tuned": DEFAULT_TUNED})

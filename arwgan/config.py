@@ -199,6 +199,8 @@ class TrainConfig:
     """Consecutive steps with a non-finite loss before training stops."""
     log_every: int = 10
     """Steps between progress refreshes (each one is a device sync)."""
+    max_minutes: float | None = None
+    """Stop after the epoch during which this much training time has passed."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -233,6 +235,10 @@ class TrainConfig:
             "max non-finite steps must be a positive integer",
         )
         _require(isinstance(self.log_every, int) and self.log_every >= 1, "log_every must be >= 1")
+        _require(
+            self.max_minutes is None or (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0),
+            f"max minutes must be positive, got {self.max_minutes!r}",
+        )
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:

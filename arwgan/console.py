@@ -30,7 +30,8 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None) -> int:
     """
     command = typer.main.get_command(app)
     try:
-        command.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+        # Without standalone mode, click returns typer.Exit's code instead of exiting.
+        code = command.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except Exception as exc:
         kind = type(exc).__name__
         if kind == "Exit":
@@ -52,11 +53,27 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
-    return 0
+    return code if isinstance(code, int) else 0
 
 
-def entry_point(app: typer.Typer) -> Callable[[], None]:
+def expand_optional_value(argv: Sequence[str], option: str, default: str) -> list[str]:
+    """Let ``option`` be given without its value (``--from-tuned`` alone means
+    ``--from-tuned DEFAULT``): typer has no optional-value options."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == option and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, default)
+            break
+    return out
+
+
+def entry_point(
+    app: typer.Typer, optional_values: dict[str, str] | None = None
+) -> Callable[[], None]:
     def main() -> None:
-        sys.exit(run_typer(app))
+        argv = sys.argv[1:]
+        for option, default in (optional_values or {}).items():
+            argv = expand_optional_value(argv, option, default)
+        sys.exit(run_typer(app, argv))
 
     return main

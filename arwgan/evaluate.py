@@ -32,15 +32,19 @@ def evaluate(
     precision: str,
     max_images: int | None = None,
     seed: int = 0,
+    noiser=None,
 ) -> dict[str, float]:
     """PSNR and SSIM of encoded vs cover, bit accuracy with no noise and under every
     configured attack, each applied to every image.
 
     The attacks' randomness runs on a forked RNG seeded with ``seed``: validation is the
     same every epoch and does not disturb the training RNG.
+    ``noiser`` defaults to the one the model trains with; pass another to evaluate under
+    attacks it never saw.
     """
+    noiser = noiser if noiser is not None else nets.noiser
     nets.eval()
-    keys = attack_keys(nets.noiser)
+    keys = attack_keys(noiser)
     sums = MetricSums()
     seen = 0
     fork_devices = [device] if device.type == "cuda" else []
@@ -59,7 +63,7 @@ def evaluate(
                 sums.add("psnr", psnr_per_image(encoded, images))
                 sums.add("ssim", ssim_per_image(encoded, images))
                 for index, key in enumerate(keys):
-                    noised = nets.noiser.apply(index, encoded, images)
+                    noised = noiser.apply(index, encoded, images)
                     decoded = nets.decoder(noised)
                     sums.add(f"bitacc_{key}", bit_accuracy_per_image(decoded, messages))
     nets.train()

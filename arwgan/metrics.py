@@ -41,9 +41,18 @@ def ssim_per_image(
 
     Gaussian window (11x11, sigma 1.5), 'valid' filtering as in Wang et al.; images
     smaller than the window use a window of their own size. Differentiable.
+
+    Always computed in float32, autocast or not: the variances are differences of
+    nearly equal averages (E[x^2] - E[x]^2), which in bf16 cancel to noise, go
+    negative and make the ratio explode.
     """
-    a = (a.float() + 1) / 2
-    b = (b.float() + 1) / 2
+    with torch.autocast(a.device.type, enabled=False):
+        return _ssim_float32(a.float(), b.float(), window, sigma)
+
+
+def _ssim_float32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -> torch.Tensor:
+    a = (a + 1) / 2
+    b = (b + 1) / 2
     channels = a.shape[1]
     size = min(window, a.shape[-1], a.shape[-2])
     kernel = _gaussian_window_cpu(size, sigma).to(a.device)

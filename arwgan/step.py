@@ -81,6 +81,11 @@ class StepResult:
         return {k: v for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
 
 
+LOSS_NAMES = (
+    "d_loss", "g_loss", "g_adversarial", "g_ssim", "g_image_mse", "g_message_mse", "bit_accuracy",
+)
+
+
 class Networks(nn.Module):
     """Encoder, decoder, discriminator and noise layers of one ARWGAN."""
 
@@ -129,6 +134,15 @@ class GANStep:
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.step_count = 0
         self.weights = model_cfg.weights
+        # BatchNorm updates its running statistics during the forward pass, before we can
+        # know whether the loss is finite: a skipped step must put them back.
+        self._bn_stats = [
+            buf
+            for module in self.nets.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for buf in (module.running_mean, module.running_var)
+            if buf is not None
+        ]
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -185,6 +199,8 @@ class GANStep:
         nets, w = self.nets, self.weights
         nets.train()
         self._set_lr()
+        # One multi-tensor copy of the BN statistics (a few KB); restored only on a skip.
+        bn_snapshot = torch._foreach_mul(self._bn_stats, 1.0) if self._bn_stats else []
         with autocast(self.precision, self.device):
             encoded = nets.encoder(images, messages)
             decoded = nets.decoder(nets.noiser(encoded, images))
@@ -220,6 +236,8 @@ class GANStep:
             skipped_g = self._update(g_loss, self.opt_g, self.scaler_g)
         finally:
             nets.discriminator.requires_grad_(True)
+        if skipped_d or skipped_g:
+            torch._foreach_copy_(self._bn_stats, bn_snapshot)
         self.step_count += 1
         return StepResult(
             d_loss=d_loss.detach(),

@@ -23,7 +23,7 @@ from arwgan.config import LoaderConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
 from arwgan.errors import CheckpointError, ConfigError, TrainingDiverged
 from arwgan.evaluate import evaluate
-from arwgan.step import GANStep, resolve_device
+from arwgan.step import LOSS_NAMES, GANStep, check_precision, resolve_device
 
 CHECKPOINT_NAME = "last.pt"
 LOG_NAME = "log.csv"
@@ -88,6 +88,7 @@ class Trainer:
         self.cfg = cfg
         self.console = console or Console(stderr=True)
         self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)  # before any slow data preparation
         self.out_dir = Path(cfg.out_dir)
         self.train_set, self.val_set, self.data_description = build_datasets(
             cfg.data_dir,
@@ -259,7 +260,9 @@ class Trainer:
         row: dict[str, float] = {
             "epoch": self.epoch + 1,
             "step": self.gan.step_count,
-            **{f"train_{k}": round(v, 6) for k, v in stats.losses.items()},
+            # Every column on every row, NaN when an epoch had no finite step, so that the
+            # CSV's columns never shift.
+            **{f"train_{k}": round(stats.losses.get(k, float("nan")), 6) for k in LOSS_NAMES},
             "images_per_s": round(stats.images_per_s, 2),
             "data_wait_fraction": round(stats.data_wait_fraction, 4),
             "peak_memory_bytes": peak_memory_bytes(self.device),
@@ -329,8 +332,12 @@ class Trainer:
             console=self.console,
             transient=True,
         )
+        started = time.perf_counter()
         with progress, self._deferred_interrupt():
             while self.epoch < cfg.epochs:
+                if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
+                    self.console.print(f"time budget of {cfg.max_minutes:g} min reached")
+                    break
                 stats = self.train_epoch(progress)
                 val = self.validate()
                 result.history.append(self.log_row(stats, val))

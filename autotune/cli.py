@@ -1,0 +1,104 @@
+"""``arwgan-autotune``: parse flags, run the tuner, print tables, write tuned.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from arwgan.cli import Channels, DataDir, Device, ImageSize, MessageBits, Noise
+from arwgan.config import ModelConfig
+from arwgan.console import console, entry_point, fail
+from arwgan.errors import UserError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+DEFAULT_OUT = Path("runs/tuned.json")
+
+
+@app.command()
+def autotune(
+    target_mem: Annotated[Optional[str], typer.Option(help="Memory target: 20GB, 20GiB, 20000MB or 80% (of the device). [default: 90% of the GPU; half the available RAM on CPU]")] = None,
+    objective: Annotated[str, typer.Option(help="throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = "throughput",
+    lr_rule: Annotated[str, typer.Option(help="How the learning rate follows the batch: linear | sqrt | none.")] = "linear",
+    precision: Annotated[Optional[str], typer.Option(help="Force fp32 | bf16 | fp16 instead of measuring them.")] = None,
+    data_dir: DataDir = None,
+    image_size: ImageSize = None,
+    message_bits: MessageBits = None,
+    channels: Channels = None,
+    noise: Noise = None,
+    device: Device = None,
+    out: Annotated[Path, typer.Option(help="Where to write the tuned configuration.")] = DEFAULT_OUT,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw images/s and peak memory against batch size into this PNG.")] = None,
+    isolate: Annotated[bool, typer.Option(help="Run each CUDA trial in a fresh subprocess (CPU trials always are).")] = False,
+    start_batch: Annotated[int, typer.Option(help="First batch size tried.")] = 2,
+    max_batch: Annotated[int, typer.Option(help="Never try a larger batch.")] = 4096,
+    max_trials: Annotated[int, typer.Option(help="Cap on batch-search trials.")] = 16,
+    trial_budget: Annotated[float, typer.Option(help="Seconds; a slower trial stops the batch growth.")] = 60.0,
+    max_workers: Annotated[Optional[int], typer.Option(help="Cap on DataLoader workers tried. [default: usable cores, plus one oversubscribed count]")] = None,
+    compare_steps: Annotated[int, typer.Option(help="Train steps per round when comparing seed default and recommendation.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of every RNG.")] = 0,
+) -> None:
+    """Measure this machine and choose batch, precision, workers and learning rate for ARWGAN."""
+    from autotune.report import machine_table, plot_trials, print_report
+    from autotune.search import SearchError
+    from autotune.tuned import save_tuned
+    from autotune.tuner import TuneConfig, Tuner
+
+    try:
+        defaults = ModelConfig()
+        model = ModelConfig(
+            image_size=image_size if image_size is not None else defaults.image_size,
+            message_bits=message_bits if message_bits is not None else defaults.message_bits,
+            channels=channels if channels is not None else defaults.channels,
+            noise=noise if noise is not None else defaults.noise,
+        )
+        if data_dir is not None and not data_dir.is_dir():
+            raise UserError(f"data folder '{data_dir}' does not exist")
+        if plot is not None and plot.suffix.lower() != ".png":
+            raise UserError(f"--plot wants a .png file, got '{plot}'")
+        cfg = TuneConfig(
+            model=model,
+            data_dir=str(data_dir) if data_dir is not None else None,
+            device=device or "auto",
+            target_mem=target_mem,
+            objective=objective,
+            lr_rule=lr_rule,
+            precision=precision,
+            start_batch=start_batch,
+            max_batch=max_batch,
+            max_trials=max_trials,
+            trial_budget_s=trial_budget,
+            isolate=isolate,
+            max_workers=max_workers,
+            compare_steps=compare_steps,
+            seed=seed,
+        )
+        if precision is not None and precision not in ("fp32", "bf16", "fp16"):
+            raise UserError(f"unknown precision {precision!r}; choose one of fp32, bf16, fp16")
+        with console.status("probing") as status:
+            tuner = Tuner(cfg, report=lambda message: status.update(f"measuring: {message}"))
+            machine = tuner.probe()
+        console.print(machine_table(machine))
+        with console.status("measuring") as status:
+            tuner.report = lambda message: status.update(f"measuring: {message}")
+            result = tuner.run()
+        save_tuned(out, result.tuned)
+        if plot is not None:
+            plot_trials(result, plot)
+    except UserError as exc:
+        raise fail(str(exc)) from None
+    except SearchError as exc:
+        raise fail(f"{exc}; lower --start-batch, the image size, or raise --target-mem", code=1) from None
+    print_report(console, result)
+    console.print(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; train with: arwgan-train --from-tuned {out}")
+    if as_json:
+        from dataclasses import asdict
+
+        sys.stdout.write(json.dumps(asdict(result.tuned), indent=2) + "\n")
+
+
+main = entry_point(app)

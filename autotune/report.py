@@ -1,0 +1,157 @@
+"""Rich tables and the optional plot for a tuning run. Presentation only: every figure
+shown here was measured by the tuner and is read from its result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from arwgan.errors import UserError
+from autotune.memory import format_bytes
+from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
+
+
+def _fmt_rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def machine_table(machine: dict) -> Table:
+    table = Table(title="Machine", show_header=False, title_justify="left")
+    host, torch_info, gpu = machine["host"], machine["torch"], machine.get("gpu")
+    table.add_row("device", machine["device"])
+    if gpu:
+        table.add_row("GPU", f"{gpu['name']} ({format_bytes(gpu['total_bytes'])}, "
+                      f"{format_bytes(gpu['used_bytes'])} used, driver {gpu['driver_version']})")
+        if gpu.get("other_processes_bytes"):
+            table.add_row("other processes", format_bytes(gpu["other_processes_bytes"]))
+        table.add_row("CUDA context", format_bytes(machine["context_bytes"]))
+    table.add_row("CPU", f"{host['cpu_name']}: {host['usable_cores']} usable of {host['logical_cores']} cores")
+    table.add_row("RAM", f"{format_bytes(host['ram_available_bytes'])} available of {format_bytes(host['ram_total_bytes'])}")
+    table.add_row("torch", f"{torch_info['torch_version']}" + (f", CUDA {torch_info['cuda_version']}" if torch_info.get("cuda_version") else ""))
+    return table
+
+
+def precision_table(result: TuneResult) -> Table:
+    table = Table(title="Precision (reference batch)", title_justify="left")
+    for column in ("precision", "images/s", "peak memory", "losses finite", "note"):
+        table.add_column(column)
+    chosen = result.tuned.choice.precision
+    for m in result.precision:
+        table.add_row(
+            m.precision + (" *" if m.precision == chosen else ""),
+            _fmt_rate(m.images_per_s),
+            format_bytes(m.peak_bytes) if m.peak_bytes else "-",
+            "yes" if m.finite else "no",
+            m.error,
+        )
+    return table
+
+
+def trials_table(result: TuneResult) -> Table:
+    table = Table(title=f"Batch search ({result.search.stop_reason})", title_justify="left")
+    for column in ("#", "batch", "peak memory", "% of target", "images/s", "s", "outcome"):
+        table.add_column(column, justify="right" if column not in ("outcome",) else "left")
+    for i, t in enumerate(result.search.trials, 1):
+        pct = f"{100 * t.peak_bytes / result.target_bytes:.0f} %" if t.peak_bytes else "-"
+        outcome = t.reason + (" (fit)" if t.predicted else "") + (f": {t.detail}" if t.detail and not t.ok else "")
+        mark = " *" if t.batch == result.search.chosen else ""
+        table.add_row(str(i), f"{t.batch}{mark}", format_bytes(t.peak_bytes) if t.peak_bytes else "-",
+                      pct, _fmt_rate(t.images_per_s), f"{t.seconds:.1f}", outcome)
+    return table
+
+
+def workers_table(result: TuneResult) -> Table:
+    mode = result.tuned.measurements["worker_mode"]
+    table = Table(title=f"DataLoader workers ({mode})", title_justify="left")
+    for column in ("workers", "prefetch", "images/s"):
+        table.add_column(column, justify="right")
+    choice = result.tuned.choice
+    for w in result.workers:
+        mark = " *" if (w.workers, w.prefetch_factor) == (choice.num_workers, choice.prefetch_factor) else ""
+        table.add_row(f"{w.workers}{mark}", str(w.prefetch_factor or "-"), _fmt_rate(w.images_per_s))
+    step = result.tuned.measurements.get("step_images_per_s")
+    if mode != "end to end" and step:
+        table.caption = f"train step consumes {step:,.1f} images/s; workers must supply 1.2x"
+    return table
+
+
+def recommendation_table(result: TuneResult) -> Table:
+    c = result.tuned.choice
+    comp = result.tuned.measurements["comparison"]
+    table = Table(title="Recommendation", title_justify="left")
+    for column in ("setting", "seed default", "recommended", "measured effect"):
+        table.add_column(column)
+    prec = {p.precision: p for p in result.precision}
+    seed_p, rec_p = prec.get(SEED_PRECISION), prec.get(c.precision)
+    prec_effect = (
+        f"{rec_p.images_per_s / seed_p.images_per_s:.2f}x step speed at the reference batch"
+        if seed_p and rec_p and seed_p.images_per_s and rec_p.images_per_s else "forced"
+    )
+    trials = {t.batch: t for t in result.search.trials if t.ok}
+    chosen = trials.get(c.batch_size)
+    batch_effect = (
+        f"{format_bytes(chosen.peak_bytes)} peak ({100 * chosen.peak_bytes / result.target_bytes:.0f} % of target)"
+        if chosen and chosen.peak_bytes else ""
+    )
+    workers = {(w.workers, w.prefetch_factor): w.images_per_s for w in result.workers}
+    seed_w = workers.get((SEED_LOADER.num_workers, SEED_LOADER.prefetch_factor))
+    rec_w = workers.get((c.num_workers, c.prefetch_factor))
+    worker_effect = f"{_fmt_rate(rec_w)} vs {_fmt_rate(seed_w)} images/s at the chosen batch" if seed_w and rec_w else ""
+    table.add_row("batch", str(SEED_LOADER.batch_size), str(c.batch_size), batch_effect)
+    table.add_row("precision", SEED_PRECISION, c.precision, prec_effect)
+    table.add_row("workers", str(SEED_LOADER.num_workers), str(c.num_workers), worker_effect)
+    table.add_row("pin_memory", str(SEED_LOADER.pin_memory), str(c.pin_memory), "")
+    table.add_row("persistent_workers", str(SEED_LOADER.persistent_workers), str(c.persistent_workers), "")
+    table.add_row("prefetch_factor", str(SEED_LOADER.prefetch_factor), str(c.prefetch_factor or "-"), "")
+    table.add_row("lr G / D", f"{REFERENCE_LR:g}", f"{c.lr_g:.3g} / {c.lr_d:.3g}", f"{c.lr_rule} rule, {c.warmup_steps} warm-up steps")
+    table.add_row(
+        "[bold]training images/s[/]",
+        _fmt_rate(comp["seed_default_images_per_s"]),
+        _fmt_rate(comp["recommended_images_per_s"]),
+        f"[bold]{comp['speedup']:.2f}x[/] (end to end, median of {len(comp['rounds']['recommended'])} alternated rounds)",
+    )
+    return table
+
+
+def print_report(console, result: TuneResult) -> None:
+    console.print(precision_table(result))
+    console.print(trials_table(result))
+    console.print(workers_table(result))
+    console.print(recommendation_table(result))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def plot_trials(result: TuneResult, path: str | Path) -> Path:
+    """images/s and peak memory against batch size, with the target drawn in."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'arwgan-autotune[plot]'") from None
+    path = Path(path)
+    ok = sorted((t for t in result.search.trials if t.ok), key=lambda t: t.batch)
+    failed = [t for t in result.search.trials if not t.ok]
+    fig, ax_speed = plt.subplots(figsize=(7, 4))
+    ax_mem = ax_speed.twinx()
+    ax_speed.plot([t.batch for t in ok], [t.images_per_s for t in ok], "o-", color="tab:blue", label="images/s")
+    ax_mem.plot([t.batch for t in ok], [t.peak_bytes / 2**30 for t in ok], "s--", color="tab:orange", label="peak memory")
+    for t in failed:
+        ax_speed.axvline(t.batch, color="tab:red", alpha=0.3)
+    ax_mem.axhline(result.target_bytes / 2**30, color="tab:orange", alpha=0.5, linestyle=":", label="target")
+    ax_speed.axvline(result.search.chosen, color="tab:green", alpha=0.6, label="chosen")
+    ax_speed.set_xscale("log", base=2)
+    ax_speed.set_xlabel("batch size")
+    ax_speed.set_ylabel("train step images/s")
+    ax_mem.set_ylabel("peak memory (GiB)")
+    handles = ax_speed.get_legend_handles_labels()[0] + ax_mem.get_legend_handles_labels()[0]
+    ax_speed.legend(handles=handles, loc="upper left", fontsize=8)
+    ax_speed.set_title("arwgan-autotune: batch search (red: failed trials)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

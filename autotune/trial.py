@@ -1,0 +1,240 @@
+"""A trial: the only code in the tuner that runs the model.
+
+One trial builds the real ARWGAN train step (both networks, both Adam optimisers, the
+noise layers) at one batch size and precision, runs warm-up steps (the first allocates
+Adam's state and, on CUDA, lets cuDNN pick kernels), then times a few more with the
+device synchronised around the clock, and reports the peak memory it took.
+
+Peak memory:
+- CUDA: the allocator's peak *reserved* bytes (what the process really holds, not just
+  what tensors use) plus the CUDA context and other non-allocator usage, measured once
+  per process through NVML; the search caps the allocator at the target with
+  ``set_per_process_memory_fraction`` so that an OOM means "past the target".
+- CPU: the peak resident set of a fresh subprocess that runs only this trial (the only
+  honest per-trial peak on a CPU); a watchdog thread ends the child if it grows past the
+  limit, so a too-large batch cannot exhaust the machine's RAM.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from autotune.oom import is_oom
+from autotune.search import TrialOutcome
+
+#: Exit code of a trial subprocess stopped by its memory watchdog.
+EXIT_OVER_MEMORY = 86
+_RESULT_PREFIX = "ARWGAN_TRIAL_RESULT "
+
+
+@dataclass
+class TrialSpec:
+    """Everything a trial needs; JSON-serialisable so it can cross a process boundary."""
+
+    model: dict
+    """ModelConfig.to_dict() of the model being tuned."""
+    precision: str
+    device: str
+    batch: int
+    warmup_steps: int = 2
+    measure_steps: int = 3
+    channels_last: bool = False
+    seed: int = 0
+    memory_limit_bytes: int | None = None
+    """CPU subprocess: the watchdog ends the trial past this resident set."""
+    context_bytes: int = 0
+    """CUDA: memory the process holds outside the caching allocator (context, cuBLAS...)."""
+    threads: int | None = None
+    """torch intra-op threads for CPU trials; None keeps torch's default."""
+
+
+@dataclass
+class TrialMeasurement:
+    batch: int
+    ok: bool
+    reason: str
+    detail: str = ""
+    peak_bytes: int | None = None
+    images_per_s: float | None = None
+    seconds: float = 0.0
+    finite: bool = True
+    """Did every measured step's losses stay finite (decides whether a precision is usable)."""
+    losses: dict = field(default_factory=dict)
+
+    def to_outcome(self) -> TrialOutcome:
+        return TrialOutcome(
+            batch=self.batch,
+            ok=self.ok,
+            peak_bytes=self.peak_bytes,
+            images_per_s=self.images_per_s,
+            seconds=self.seconds,
+            reason=self.reason,
+            detail=self.detail,
+        )
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_trial(spec: TrialSpec) -> TrialMeasurement:
+    """Run one trial in this process. An OOM is an outcome, not an exception."""
+    import torch
+
+    from arwgan.config import ModelConfig, OptimConfig
+    from arwgan.step import GANStep
+
+    device = torch.device(spec.device)
+    started = time.perf_counter()
+    oom_detail = None
+    objects: dict = {}
+    try:
+        if spec.threads is not None and device.type == "cpu":
+            torch.set_num_threads(spec.threads)
+        model_cfg = ModelConfig.from_dict(spec.model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        gan = objects["gan"] = GANStep(
+            model_cfg, OptimConfig(), spec.precision, device, spec.seed, spec.channels_last
+        )
+        gen = torch.Generator().manual_seed(spec.seed)
+        size, bits = model_cfg.image_size, model_cfg.message_bits
+        images = torch.rand(spec.batch, 3, size, size, generator=gen) * 2 - 1
+        messages = torch.randint(0, 2, (spec.batch, bits), generator=gen).float()
+        images, messages = gan.to_device(images, messages)
+        objects["inputs"] = (images, messages)
+        for _ in range(spec.warmup_steps):
+            gan(images, messages)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        clock = time.perf_counter()
+        finite = True
+        losses = {}
+        for _ in range(spec.measure_steps):
+            result = gan(images, messages)
+            finite = finite and not result.skipped
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - clock
+        losses = {k: float(v) for k, v in result.as_dict().items()} if spec.measure_steps else {}
+        finite = finite and all(math.isfinite(v) for v in losses.values())
+        if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_reserved(device)) + spec.context_bytes
+        else:
+            peak = _peak_rss_bytes()
+        images_per_s = spec.batch * spec.measure_steps / elapsed if elapsed > 0 else None
+        return TrialMeasurement(
+            batch=spec.batch,
+            ok=True,
+            reason="ok",
+            peak_bytes=peak,
+            images_per_s=images_per_s,
+            seconds=time.perf_counter() - started,
+            finite=finite,
+            losses=losses,
+        )
+    except Exception as exc:  # noqa: BLE001 - classified right below
+        if not is_oom(exc):
+            raise
+        # Keep only text: the exception's traceback holds frames that hold tensors.
+        oom_detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    finally:
+        objects.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return TrialMeasurement(
+        batch=spec.batch,
+        ok=False,
+        reason="oom",
+        detail=oom_detail or "",
+        seconds=time.perf_counter() - started,
+    )
+
+
+# -- subprocess isolation ------------------------------------------------------------------
+def _watchdog(limit_bytes: int, interval_s: float = 0.01) -> None:
+    """End this process the moment its resident set passes ``limit_bytes``."""
+    import psutil
+
+    process = psutil.Process()
+
+    def watch() -> None:
+        while True:
+            if process.memory_info().rss > limit_bytes:
+                os._exit(EXIT_OVER_MEMORY)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _worker_main() -> None:
+    """Entry of ``python -m autotune.trial``: read a TrialSpec as JSON on stdin, print the
+    TrialMeasurement as one tagged JSON line on stdout."""
+    spec = TrialSpec(**json.loads(sys.stdin.read()))
+    if spec.memory_limit_bytes:
+        _watchdog(spec.memory_limit_bytes)
+    measurement = run_trial(spec)
+    print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
+
+
+def run_trial_subprocess(spec: TrialSpec, timeout_s: float | None = None) -> TrialMeasurement:
+    """Run one trial in a fresh Python process: isolated memory, honest peak RSS."""
+    started = time.perf_counter()
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "autotune.trial"],
+            input=json.dumps(asdict(spec)),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return TrialMeasurement(
+            batch=spec.batch,
+            ok=False,
+            reason="too_slow",
+            detail=f"no result within {timeout_s:.0f} s",
+            seconds=time.perf_counter() - started,
+        )
+    seconds = time.perf_counter() - started
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_RESULT_PREFIX):
+            measurement = TrialMeasurement(**json.loads(line[len(_RESULT_PREFIX) :]))
+            measurement.seconds = seconds
+            return measurement
+    if proc.returncode in (EXIT_OVER_MEMORY, -9):
+        limit = spec.memory_limit_bytes
+        detail = (
+            f"resident set passed the {limit / 2**30:.2f} GiB limit"
+            if proc.returncode == EXIT_OVER_MEMORY and limit
+            else "killed (out of memory)"
+        )
+        return TrialMeasurement(
+            batch=spec.batch, ok=False, reason="oom", detail=detail, seconds=seconds
+        )
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return TrialMeasurement(
+        batch=spec.batch,
+        ok=False,
+        reason="error",
+        detail=f"trial process exited {proc.returncode}: {tail}",
+        seconds=seconds,
+    )
+
+
+if __name__ == "__main__":
+    _worker_main()

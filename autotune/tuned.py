@@ -1,0 +1,388 @@
+"""The persisted tuned configuration (``tuned.json``): what ``arwgan-autotune`` chose and
+measured, and what ``arwgan-train --from-tuned`` applies.
+
+A tuned file is only as good as the machine and model it was measured on, so it
+carries both: the device fingerprint (:func:`autotune.probes.device_fingerprint`) and
+the model config with its fingerprint. Loading refuses a damaged or hand-broken file
+with a one-line :class:`CheckpointError`; :func:`check_tuned` warns when the machine
+changed and refuses (unless forced) when the model did, because a batch size found for
+64 px images can run out of memory at 128 px.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from arwgan.checkpoint import atomic_write_bytes
+from arwgan.config import PRECISIONS, ModelConfig, TrainConfig
+from arwgan.errors import CheckpointError, ConfigError
+from autotune.decisions import LR_RULES, scale_lr
+
+__all__ = [
+    "OBJECTIVES",
+    "SCHEMA_VERSION",
+    "TunedChoice",
+    "TunedFile",
+    "apply_tuned",
+    "check_tuned",
+    "load_tuned",
+    "rescale_for_world_size",
+    "save_tuned",
+]
+
+#: Bumped on any incompatible change of the file layout; older files are refused.
+SCHEMA_VERSION = 1
+
+OBJECTIVES = ("throughput", "memory")
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; ``"batch_size": true`` in a file is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+@dataclass
+class TunedChoice:
+    """The recommended training settings. Validated where built, so a loaded file that
+    passes holds values the trainer accepts."""
+
+    batch_size: int
+    """Per-process (per-GPU) batch."""
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: int | None
+    precision: str
+    lr_g: float
+    lr_d: float
+    warmup_steps: int
+    lr_rule: str
+    """How the learning rates were scaled with the global batch: linear | sqrt | none."""
+    objective: str
+    """What the batch was chosen for: throughput (fastest) | memory (largest that fits)."""
+    world_size: int = 1
+    """Processes the learning rates were scaled for (global batch = batch_size * world_size)."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "world_size"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_workers", "warmup_steps"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("pin_memory", "persistent_workers"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if not (self.prefetch_factor is None or (_is_int(self.prefetch_factor)
+                                                 and self.prefetch_factor >= 1)):
+            raise ConfigError(
+                f"prefetch_factor must be a positive integer or null, got {self.prefetch_factor!r}"
+            )
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value > 0):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, allowed in (("precision", PRECISIONS), ("lr_rule", LR_RULES),
+                              ("objective", OBJECTIVES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class TunedFile:
+    """Everything in ``tuned.json``."""
+
+    schema_version: int
+    created_utc: str
+    device: dict[str, Any]
+    """The machine's fingerprint (:func:`autotune.probes.device_fingerprint`)."""
+    model: dict[str, Any]
+    """``ModelConfig.to_dict()`` of the model that was measured."""
+    model_fingerprint: str
+    choice: TunedChoice
+    measurements: dict[str, Any]
+    """Free-form record: trials, worker and precision benchmarks, images/s, target bytes."""
+    tool_version: str
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN and infinities (a failed trial's images/s, a speed-up over zero) as None:
+    strict JSON has no spelling for them, and jq or a browser would refuse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def save_tuned(path: str | Path, tuned: TunedFile) -> None:
+    """Write ``tuned`` as JSON, atomically: a crash leaves the old file or the new one.
+
+    Serialised before anything touches the disk, so a measurement that is not JSON (a
+    programming error) raises without creating a temporary file. Non-finite floats in
+    the measurements are written as null.
+    """
+    blob = json.dumps(_finite_or_null(asdict(tuned)), indent=2, allow_nan=False) + "\n"
+    atomic_write_bytes(path, lambda fh: fh.write(blob.encode()))
+
+
+_REQUIRED_TYPES: dict[str, type] = {
+    "schema_version": int,
+    "created_utc": str,
+    "device": dict,
+    "model": dict,
+    "model_fingerprint": str,
+    "choice": dict,
+    "measurements": dict,
+    "tool_version": str,
+}
+_JSON_TYPE_NAMES = {int: "integer", str: "string", dict: "object"}
+
+
+def load_tuned(path: str | Path) -> TunedFile:
+    """Read and validate a tuned file. Every problem with the file is a one-line
+    :class:`CheckpointError` naming it, never a traceback: the file is the user's."""
+    where = f"tuned file '{path}'"
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{where} does not exist; run arwgan-autotune first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{where} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where} does not hold a JSON object")
+
+    version = data.get("schema_version")
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise CheckpointError(
+            f"{where} has schema version {version!r}, this tool reads version "
+            f"{SCHEMA_VERSION}; re-run arwgan-autotune"
+        )
+    missing = [key for key in _REQUIRED_TYPES if key not in data]
+    if missing:
+        raise CheckpointError(f"{where} is missing key(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - set(_REQUIRED_TYPES))
+    if unknown:
+        raise CheckpointError(f"{where} has unknown key(s) {', '.join(unknown)}")
+    for key, expected in _REQUIRED_TYPES.items():
+        if not isinstance(data[key], expected):
+            raise CheckpointError(
+                f"{where}: {key} must be a JSON {_JSON_TYPE_NAMES[expected]}, "
+                f"got {type(data[key]).__name__}"
+            )
+
+    choice = _load_choice(data["choice"], where)
+    try:
+        model_cfg = ModelConfig.from_dict(data["model"])
+    except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
+        raise CheckpointError(f"{where}: model config is invalid: {exc}") from None
+    if model_cfg.fingerprint() != data["model_fingerprint"]:
+        raise CheckpointError(
+            f"{where}: model config does not match its fingerprint (edited by hand?); "
+            "re-run arwgan-autotune"
+        )
+    return TunedFile(
+        schema_version=version,
+        created_utc=data["created_utc"],
+        device=data["device"],
+        model=data["model"],
+        model_fingerprint=data["model_fingerprint"],
+        choice=choice,
+        measurements=data["measurements"],
+        tool_version=data["tool_version"],
+    )
+
+
+def _load_choice(data: dict[str, Any], where: str) -> TunedChoice:
+    names = [f.name for f in fields(TunedChoice)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise CheckpointError(f"{where}: choice has unknown key(s) {', '.join(unknown)}")
+    # world_size has a default; every other field must be present.
+    missing = [name for name in names if name not in data and name != "world_size"]
+    if missing:
+        raise CheckpointError(f"{where}: choice is missing key(s) {', '.join(missing)}")
+    try:
+        return TunedChoice(**data)
+    except ConfigError as exc:
+        raise CheckpointError(f"{where}: choice: {exc}") from None
+
+
+# ------------------------------------------------------------------------ checking
+
+#: Fingerprint keys in the order differences are reported, with their display names.
+_DEVICE_KEYS = (
+    ("device_type", "device type"),
+    ("gpu_name", "gpu"),
+    ("gpu_total_bytes", "gpu memory"),
+    ("driver_version", "driver"),
+    ("torch_version", "torch"),
+    ("cuda_version", "cuda"),
+    ("usable_cores", "usable cores"),
+    ("cpu_name", "cpu"),
+)
+
+
+def _describe_device(fp: dict[str, Any]) -> str:
+    if fp.get("device_type") == "cuda":
+        total = fp.get("gpu_total_bytes")
+        memory = f" ({_gib(total)})" if _is_int(total) else ""
+        return f"{fp.get('gpu_name') or 'an unknown GPU'}{memory}"
+    return f"CPU ({fp.get('cpu_name') or 'unknown'}, {fp.get('usable_cores')} usable cores)"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _device_value(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if key == "gpu_total_bytes" and _is_int(value):
+        return _gib(value)
+    return str(value)
+
+
+def _device_differences(tuned: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{label} {_device_value(key, tuned.get(key))} -> {_device_value(key, current.get(key))}"
+        for key, label in _DEVICE_KEYS
+        if tuned.get(key) != current.get(key)
+    ]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_differences(tuned: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'image_size 128 -> 64', 'weights.ssim 0.1 -> 0.2': nested dicts name their fields."""
+    differences = []
+    for key in [*current, *(k for k in tuned if k not in current)]:
+        old, new = tuned.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{d}" for d in _model_differences(old, new)]
+        else:
+            differences.append(f"{key} {_short(old)} -> {_short(new)}")
+    return differences
+
+
+def check_tuned(
+    tuned: TunedFile,
+    model_cfg: ModelConfig,
+    device_fp: dict[str, Any],
+    force: bool,
+    *,
+    path: str | Path | None = None,
+) -> list[str]:
+    """Is ``tuned`` still valid for this run? Returns warnings to print.
+
+    A different machine only warns: the choice still runs, it may just not be the best
+    (or may not fit, which the trainer reports). A different model config raises,
+    since memory and speed depend on it directly; ``force`` turns that into a warning.
+    ``path``, where the file was loaded from, is named in the message.
+    """
+    warnings = []
+    device_diffs = _device_differences(tuned.device, device_fp)
+    if device_diffs:
+        warnings.append(
+            f"tuned on {_describe_device(tuned.device)}, running on "
+            f"{_describe_device(device_fp)} ({', '.join(device_diffs)}): "
+            "measurements may not hold; re-run arwgan-autotune"
+        )
+    if model_cfg.fingerprint() != tuned.model_fingerprint:
+        model_diffs = _model_differences(tuned.model, model_cfg.to_dict()) or [
+            f"fingerprint {tuned.model_fingerprint} -> {model_cfg.fingerprint()}"
+        ]
+        where = f"tuned file '{path}'" if path is not None else "the tuned configuration"
+        message = (
+            f"{where} was made for another model config ({', '.join(model_diffs)}); "
+        )
+        if not force:
+            raise CheckpointError(message + "re-run arwgan-autotune or pass --force")
+        warnings.append(message + "using it anyway (--force)")
+    return warnings
+
+
+# ------------------------------------------------------------------------ applying
+
+
+def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
+    """``base`` with the tuned loader, precision, learning rates and model.
+
+    The model comes from the file because the measurements are only valid for it;
+    explicit command-line flags are applied by the caller afterwards, and
+    :func:`check_tuned` is what says whether they invalidate the file.
+    """
+    choice = tuned.choice
+    return replace(
+        base,
+        model=ModelConfig.from_dict(tuned.model),
+        loader=replace(
+            base.loader,
+            batch_size=choice.batch_size,
+            num_workers=choice.num_workers,
+            pin_memory=choice.pin_memory,
+            persistent_workers=choice.persistent_workers,
+            prefetch_factor=choice.prefetch_factor,
+        ),
+        optim=replace(
+            base.optim, lr_g=choice.lr_g, lr_d=choice.lr_d, warmup_steps=choice.warmup_steps
+        ),
+        precision=choice.precision,
+    )
+
+
+def rescale_for_world_size(
+    choice: TunedChoice, new_world_size: int, base_lr: float = 1e-3, base_batch: int = 16
+) -> tuple[TunedChoice, str | None]:
+    """Adapt ``choice`` to ``new_world_size`` processes, each keeping ``batch_size``.
+
+    The global batch grows with the world size, so the learning rates are recomputed from
+    the reference (``base_lr`` at ``base_batch``) with the choice's own rule; with rule
+    'none' they stay as tuned. Returns the new choice and a message for the user, or the
+    choice unchanged and None when the world size is the one it was tuned for.
+    """
+    if not (_is_int(new_world_size) and new_world_size >= 1):
+        raise ConfigError(f"world size must be a positive integer, got {new_world_size!r}")
+    if new_world_size == choice.world_size:
+        return choice, None
+    old_global = choice.batch_size * choice.world_size
+    new_global = choice.batch_size * new_world_size
+    if choice.lr_rule == "none":
+        rescaled = replace(choice, world_size=new_world_size)
+        lr_text = f"learning rates kept (lr_g {choice.lr_g:.3g}, lr_d {choice.lr_d:.3g}; rule none)"
+    else:
+        lr = scale_lr(base_lr, base_batch, new_global, choice.lr_rule)
+        rescaled = replace(choice, world_size=new_world_size, lr_g=lr, lr_d=lr)
+        lr_text = (
+            f"lr_g {choice.lr_g:.3g} -> {lr:.3g}, lr_d {choice.lr_d:.3g} -> {lr:.3g} "
+            f"({choice.lr_rule} rule from {base_lr:g} at batch {base_batch})"
+        )
+    message = (
+        f"tuned for world size {choice.world_size}, running with {new_world_size}: "
+        f"global batch {old_global} -> {new_global}, {lr_text}"
+    )
+    return rescaled, message

@@ -1,0 +1,471 @@
+"""The tuner: probe, measure, decide, and write tuned.json.
+
+Each phase measures with the real ARWGAN train step and data, then hands the numbers
+to a pure decision function (``autotune.search``, ``autotune.decisions``):
+
+1. probe the machine (NVML, torch.cuda, host) and parse the memory target;
+2. precision: fp32 / bf16 / fp16 trials at the reference batch -> ``choose_precision``;
+3. batch: double-then-bisect trials in that precision -> ``search_batch``;
+4. workers: DataLoader (CUDA) or end-to-end (CPU) throughput -> ``choose_workers``;
+5. learning rates: ``scale_lr`` for G and D from 1e-3 at batch 16;
+6. the seed default (batch 16, 4 workers, fp32, no pinning) and the recommendation,
+   trained end to end on the same data, alternated, in this run.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from arwgan.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from arwgan.data import EpochSampler, build_datasets, make_loader
+from arwgan.errors import ConfigError
+from arwgan.step import GANStep, check_precision, resolve_device
+from autotune.decisions import (
+    PrecisionMeasurement,
+    WorkerMeasurement,
+    choose_precision,
+    choose_workers,
+    lr_warning,
+    scale_lr,
+    warmup_steps_for,
+)
+from autotune.measure import loader_images_per_s, training_images_per_s
+from autotune.memory import format_bytes, parse_target_mem
+from autotune.probes import Probes, device_fingerprint, real_probes, torch_info
+from autotune.search import SearchConfig, SearchError, SearchResult, search_batch
+from autotune.trial import TrialMeasurement, TrialSpec, run_trial, run_trial_subprocess
+from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
+
+REFERENCE_BATCH = 16
+REFERENCE_LR = 1e-3
+#: The seed report's starting point: every speed claim is measured against it.
+SEED_LOADER = LoaderConfig(batch_size=16, num_workers=4, pin_memory=False, persistent_workers=False)
+SEED_PRECISION = "fp32"
+OBJECTIVES = ("throughput", "memory")
+
+
+@dataclass
+class TuneConfig:
+    """What to tune and how hard to try."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data_dir: str | None = None
+    device: str = "auto"
+    target_mem: str | None = None
+    """'20GB', '20GiB', '80%'...; None: 90 % of the GPU, half the available RAM on CPU."""
+    objective: str = "throughput"
+    lr_rule: str = "linear"
+    precision: str | None = None
+    """Force one precision instead of measuring them."""
+    start_batch: int = 2
+    max_batch: int = 4096
+    max_trials: int = 16
+    trial_budget_s: float = 60.0
+    """A trial slower than this stops the batch growth."""
+    margin_fraction: float = 0.03
+    """Safety margin below the target, as a share of it (converted to bytes)."""
+    isolate: bool = False
+    """CUDA: run each trial in a fresh subprocess (CPU trials always are)."""
+    warmup_steps: int = 2
+    measure_steps: int = 3
+    worker_steps: int = 8
+    """Batches (or train steps on CPU) timed per worker candidate."""
+    compare_steps: int = 10
+    """Train steps per round when comparing seed default and recommendation."""
+    compare_rounds: int = 2
+    max_workers: int | None = None
+    seed: int = 0
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be throughput or memory, got {self.objective!r}")
+        scale_lr(REFERENCE_LR, REFERENCE_BATCH, REFERENCE_BATCH, self.lr_rule)  # validates
+        for name in ("start_batch", "max_batch", "max_trials", "measure_steps", "worker_steps",
+                     "compare_steps", "compare_rounds"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.max_batch < self.start_batch:
+            raise ConfigError(f"max batch {self.max_batch} is below the start batch {self.start_batch}")
+        if not (self.trial_budget_s > 0):
+            raise ConfigError(f"trial budget must be positive, got {self.trial_budget_s!r}")
+        if self.max_workers is not None and self.max_workers < 0:
+            raise ConfigError(f"max workers must be >= 0, got {self.max_workers!r}")
+
+
+@dataclass
+class TuneResult:
+    tuned: TunedFile
+    machine: dict
+    search: SearchResult
+    precision: list[PrecisionMeasurement]
+    workers: list[WorkerMeasurement]
+    target_bytes: int
+    warnings: list[str]
+
+
+Report = Callable[[str], None]
+
+
+def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
+    """0, 1, 2, 4, ... up to the usable cores, plus one oversubscribed count (2x cores, at
+    least the seed's 4), because whether oversubscription pays is measured, not assumed."""
+    top = usable_cores if cap is None else min(cap, usable_cores)
+    counts = [0]
+    n = 1
+    while n <= top:
+        counts.append(n)
+        n *= 2
+    if top not in counts:
+        counts.append(top)
+    over = max(2 * usable_cores, SEED_LOADER.num_workers)
+    if cap is None or over <= cap:
+        counts.append(over)
+    return sorted(set(counts))
+
+
+class Tuner:
+    def __init__(self, cfg: TuneConfig, probes: Probes | None = None, report: Report | None = None):
+        self.cfg = cfg
+        self.probes = probes or real_probes()
+        self.report = report or (lambda message: None)
+        self.device = resolve_device(cfg.device)
+        self.warnings: list[str] = []
+        self.context_bytes = 0
+        self._datasets = None
+
+    # -- phase 1: the machine and the target -------------------------------------------------
+    def probe(self) -> dict:
+        host = self.probes.host.info()
+        self.host = host
+        self.gpu = None
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            torch.zeros(1, device=self.device)  # create the context so that it can be measured
+            if self.probes.nvml.available():
+                self.gpu = self.probes.nvml.gpu(index)
+                own = self.probes.nvml.process_used_bytes(index)
+                if own is not None:
+                    # Context, cuBLAS/cuDNN workspaces: held by the process, unseen by the allocator.
+                    self.context_bytes = max(0, own - self.probes.cuda.reserved_bytes(index))
+            else:
+                self.warnings.append("NVML unavailable: GPU memory read from torch only")
+        self.torch = torch_info()
+        self.fingerprint = device_fingerprint(self.gpu, host, self.torch, self.device.type)
+        self.machine = {
+            "device": str(self.device),
+            "host": asdict(host),
+            "gpu": asdict(self.gpu) if self.gpu else None,
+            "torch": asdict(self.torch),
+            "context_bytes": self.context_bytes,
+        }
+        return self.machine
+
+    def target_bytes(self) -> int:
+        if self.device.type == "cuda":
+            index = self.device.index or 0
+            free, total = self.probes.cuda.mem_get_info(index)
+            used = total - free
+            default = "90%"
+        else:
+            total = self.host.ram_total_bytes
+            # A trial is a fresh process: its floor is what torch alone takes, not what the
+            # machine's other processes hold.
+            used = 0
+            default = None
+        if self.cfg.target_mem is None and default is None:
+            return self.host.ram_available_bytes // 2
+        return parse_target_mem(self.cfg.target_mem or default, total, used)
+
+    # -- trials ---------------------------------------------------------------------------------
+    def _spec(self, batch: int, precision: str) -> TrialSpec:
+        return TrialSpec(
+            model=self.cfg.model.to_dict(),
+            precision=precision,
+            device=str(self.device),
+            batch=batch,
+            warmup_steps=self.cfg.warmup_steps,
+            measure_steps=self.cfg.measure_steps,
+            channels_last=self.cfg.channels_last,
+            seed=self.cfg.seed,
+            memory_limit_bytes=self.target if self.device.type == "cpu" else None,
+            context_bytes=self.context_bytes,
+        )
+
+    def trial(self, batch: int, precision: str) -> TrialMeasurement:
+        spec = self._spec(batch, precision)
+        self.report(f"trial: batch {batch}, {precision}")
+        if self.device.type == "cpu" or self.cfg.isolate:
+            measurement = run_trial_subprocess(spec, timeout_s=3 * self.cfg.trial_budget_s + 60)
+        else:
+            measurement = run_trial(spec)
+        self.trials_run.append(measurement)
+        return measurement
+
+    # -- phase 2: precision ----------------------------------------------------------------------
+    def precision_candidates(self) -> list[str]:
+        if self.cfg.precision is not None:
+            check_precision(self.cfg.precision, self.device)
+            return [self.cfg.precision]
+        if self.device.type == "cuda":
+            candidates = ["fp32", "fp16"]
+            if torch.cuda.is_bf16_supported():
+                candidates.insert(1, "bf16")
+            return candidates
+        return ["fp32", "bf16"]  # CPU autocast in bf16 is real on CPUs with AVX512-BF16/AMX
+
+    def measure_precisions(self) -> list[PrecisionMeasurement]:
+        batch = max(self.cfg.start_batch, min(REFERENCE_BATCH, self.cfg.max_batch))
+        results = []
+        for precision in self.precision_candidates():
+            m = self.trial(batch, precision)
+            results.append(
+                PrecisionMeasurement(
+                    precision=precision,
+                    images_per_s=m.images_per_s,
+                    peak_bytes=m.peak_bytes,
+                    finite=m.finite and m.ok,
+                    error="" if m.ok else f"{m.reason}: {m.detail}",
+                )
+            )
+        return results
+
+    # -- phase 3: batch ------------------------------------------------------------------------
+    def search(self, precision: str) -> SearchResult:
+        cfg = self.cfg
+        search_cfg = SearchConfig(
+            target_bytes=self.target,
+            margin_bytes=int(self.target * cfg.margin_fraction),
+            start=cfg.start_batch,
+            max_batch=cfg.max_batch,
+            max_trials=cfg.max_trials,
+            trial_time_budget_s=cfg.trial_budget_s,
+            objective=cfg.objective,
+        )
+        capped = self.device.type == "cuda" and not cfg.isolate
+        index = self.device.index or 0
+        if capped:
+            total = self.probes.cuda.mem_get_info(index)[1]
+            # Make the allocator fail at the target rather than at the card's limit, so
+            # that "close to OOM" means "close to the target".
+            fraction = (self.target - self.context_bytes) / total
+            self.probes.cuda.set_memory_fraction(max(0.01, min(1.0, fraction)), index)
+        try:
+            return search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg)
+        finally:
+            if capped:
+                self.probes.cuda.set_memory_fraction(1.0, index)
+
+    # -- phase 4: workers ----------------------------------------------------------------------
+    def datasets(self):
+        if self._datasets is None:
+            m = self.cfg.model
+            self._datasets = build_datasets(self.cfg.data_dir, m.image_size, m.message_bits, seed=self.cfg.seed)
+        return self._datasets
+
+    def _loader(self, loader_cfg: LoaderConfig, steps: int):
+        train_set = self.datasets()[0]
+        # Enough samples for the timed batches whatever the dataset size: the sampler
+        # is given a length that wraps around the data.
+        length = max(len(train_set), (steps + 4) * loader_cfg.batch_size)
+        # Oversubscribing the cores is one of the things measured here, on purpose.
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        sampler = EpochSampler(length, seed=self.cfg.seed, epoch=0)
+        return make_loader(_Wrapped(train_set), loader_cfg, sampler, drop_last=True)
+
+    def _gan(self, precision: str, batch: int) -> GANStep:
+        optim = OptimConfig(lr_g=self.lr(batch), lr_d=self.lr(batch))
+        return GANStep(self.cfg.model, optim, precision, self.device, self.cfg.seed, self.cfg.channels_last)
+
+    def measure_workers(self, batch: int, precision: str, consumption: float | None) -> list[WorkerMeasurement]:
+        cuda = self.device.type == "cuda"
+        candidates = worker_candidates(self.host.usable_cores, self.cfg.max_workers)
+        steps = self.cfg.worker_steps
+        gan = None if cuda else self._gan(precision, batch)
+        results: list[WorkerMeasurement] = []
+
+        def measure(workers: int, prefetch: int | None) -> WorkerMeasurement:
+            loader_cfg = LoaderConfig(batch, workers, pin_memory=cuda, persistent_workers=workers > 0,
+                                      prefetch_factor=prefetch)
+            self.report(f"workers: {workers}, prefetch {prefetch}")
+            loader = self._loader(loader_cfg, steps + 2)
+            if cuda:
+                speed = loader_images_per_s(loader, steps)
+            else:
+                speed = training_images_per_s(gan, loader, steps)
+            del loader
+            m = WorkerMeasurement(workers=workers, prefetch_factor=loader_cfg.prefetch_factor, images_per_s=speed)
+            results.append(m)
+            return m
+
+        for workers in candidates:
+            measure(workers, 2 if workers else None)
+        best = choose_workers(results, consumption)
+        if best.workers > 0:
+            measure(best.workers, 4)  # does a deeper queue help the chosen count?
+        del gan
+        gc.collect()
+        return results
+
+    # -- phase 5: learning rate ----------------------------------------------------------------
+    def lr(self, batch: int) -> float:
+        return scale_lr(REFERENCE_LR, REFERENCE_BATCH, batch, self.cfg.lr_rule)
+
+    # -- phase 6: seed default vs recommendation -------------------------------------------------
+    def compare(self, recommended: TrainConfig) -> dict:
+        """Alternate the seed default and the recommendation, each trained end to end on
+        the same data for the same number of steps; the median of the rounds counts."""
+        configs = {
+            "seed_default": (SEED_LOADER, SEED_PRECISION),
+            "recommended": (recommended.loader, recommended.precision),
+        }
+        speeds: dict[str, list[float]] = {name: [] for name in configs}
+        for round_index in range(self.cfg.compare_rounds):
+            for name, (loader_cfg, precision) in configs.items():
+                self.report(f"compare: {name} (round {round_index + 1})")
+                gan = self._gan(precision, loader_cfg.batch_size)
+                loader = self._loader(loader_cfg, self.cfg.compare_steps + 2)
+                speeds[name].append(training_images_per_s(gan, loader, self.cfg.compare_steps))
+                del gan, loader
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        seed = statistics.median(speeds["seed_default"])
+        rec = statistics.median(speeds["recommended"])
+        return {
+            "seed_default_images_per_s": seed,
+            "recommended_images_per_s": rec,
+            "speedup": rec / seed if seed > 0 else math.nan,
+            "rounds": speeds,
+        }
+
+    # -- the whole job ---------------------------------------------------------------------------
+    def run(self) -> TuneResult:
+        cfg = self.cfg
+        started = time.perf_counter()
+        self.trials_run: list[TrialMeasurement] = []
+        machine = getattr(self, "machine", None) or self.probe()
+        self.target = self.target_bytes()
+        self.report(f"memory target {format_bytes(self.target)}")
+        memory_before = self._process_memory()
+
+        precisions = self.measure_precisions()
+        try:
+            chosen_precision = choose_precision(precisions).precision
+        except ValueError as exc:
+            raise SearchError_from(precisions, exc) from None
+        result = self.search(chosen_precision)
+        batch = result.chosen
+        memory_after = self._process_memory()
+
+        chosen_trial = next(t for t in result.trials if t.batch == batch)
+        consumption = chosen_trial.images_per_s if self.device.type == "cuda" else None
+        workers = self.measure_workers(batch, chosen_precision, consumption)
+        best = choose_workers(workers, consumption)
+
+        factor = batch / REFERENCE_BATCH
+        lr = self.lr(batch)
+        warn = lr_warning(lr / REFERENCE_LR)
+        if warn:
+            self.warnings.append(warn)
+        choice = TunedChoice(
+            batch_size=batch,
+            num_workers=best.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=best.workers > 0,
+            prefetch_factor=best.prefetch_factor,
+            precision=chosen_precision,
+            lr_g=lr,
+            lr_d=lr,
+            warmup_steps=warmup_steps_for(cfg.lr_rule, factor),
+            lr_rule=cfg.lr_rule,
+            objective=cfg.objective,
+        )
+        recommended = TrainConfig(
+            model=cfg.model,
+            loader=LoaderConfig(batch, best.workers, choice.pin_memory, choice.persistent_workers,
+                                choice.prefetch_factor),
+            precision=chosen_precision,
+        )
+        comparison = self.compare(recommended)
+        measurements = {
+            "target_bytes": self.target,
+            "context_bytes": self.context_bytes,
+            "precision": [asdict(p) for p in precisions],
+            "search": result.to_dict(),
+            "trials": [asdict(t) for t in self.trials_run],
+            "workers": [asdict(w) for w in workers],
+            "worker_mode": "loader alone vs step consumption" if consumption else "end to end",
+            "step_images_per_s": chosen_trial.images_per_s,
+            "memory_before_search_bytes": memory_before,
+            "memory_after_search_bytes": memory_after,
+            "comparison": comparison,
+            "tuning_seconds": time.perf_counter() - started,
+            "warnings": self.warnings,
+            "machine": machine,
+        }
+        tuned = TunedFile(
+            schema_version=SCHEMA_VERSION,
+            created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            device=self.fingerprint,
+            model=cfg.model.to_dict(),
+            model_fingerprint=cfg.model.fingerprint(),
+            choice=choice,
+            measurements=measurements,
+            tool_version=_tool_version(),
+        )
+        return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
+
+    def _process_memory(self) -> dict | None:
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index or 0
+        gc.collect()
+        torch.cuda.empty_cache()
+        nvml = self.probes.nvml.process_used_bytes(index) if self.probes.nvml.available() else None
+        return {
+            "torch_reserved_bytes": self.probes.cuda.reserved_bytes(index),
+            "torch_allocated_bytes": self.probes.cuda.allocated_bytes(index),
+            "nvml_process_bytes": nvml,
+        }
+
+
+class _Wrapped(torch.utils.data.Dataset):
+    """Lets a sampler longer than the dataset wrap around it (for timing only)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        return self.dataset[(index % len(self.dataset), seed)]
+
+
+def SearchError_from(precisions, exc) -> ConfigError:
+    return ConfigError(f"no precision could run the model: {exc}")
+
+
+def _tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("arwgan-autotune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def tune(cfg: TuneConfig, probes: Probes | None = None, report: Report | None = None) -> TuneResult:
+    return Tuner(cfg, probes, report).run()

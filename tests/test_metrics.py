@@ -1,0 +1,181 @@
+"""PSNR, SSIM, bit accuracy and MetricSums against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from arwgan.metrics import (
+    SSIM_C1,
+    SSIM_C2,
+    MetricSums,
+    bit_accuracy_per_image,
+    mse_per_image,
+    psnr_per_image,
+    ssim_per_image,
+)
+
+
+def _full(value: float, batch: int = 1, size: int = 16) -> torch.Tensor:
+    return torch.full((batch, 3, size, size), value)
+
+
+# -- PSNR --------------------------------------------------------------------------------
+
+
+def test_psnr_of_a_constant_offset() -> None:
+    # MSE = 0.1^2 = 0.01 on [-1, 1]; peak-to-peak 2, so 10 log10(4 / 0.01) = 10 log10(400).
+    psnr = psnr_per_image(_full(0.0), _full(0.1))
+    assert psnr.shape == (1,)
+    assert psnr.item() == pytest.approx(10 * math.log10(400), abs=1e-4)
+    assert psnr.item() == pytest.approx(26.0206, abs=1e-4)
+
+
+def test_psnr_equals_the_usual_psnr_on_unit_range() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 8, 8, generator=generator) * 2 - 1
+    b = torch.rand(3, 3, 8, 8, generator=generator) * 2 - 1
+    a01, b01 = (a + 1) / 2, (b + 1) / 2
+    expected = 10 * torch.log10(1.0 / ((a01 - b01) ** 2).flatten(1).mean(1))
+    torch.testing.assert_close(psnr_per_image(a, b), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_psnr_per_image_and_identical_images() -> None:
+    a = torch.cat([_full(0.0), _full(0.0), _full(0.5)])
+    b = torch.cat([_full(0.0), _full(-1.0), _full(0.5)])
+    psnr = psnr_per_image(a, b)
+    assert psnr[0].item() == math.inf
+    # MSE 1: 10 log10(4) dB.
+    assert psnr[1].item() == pytest.approx(10 * math.log10(4), abs=1e-5)
+    assert psnr[2].item() == math.inf
+
+
+def test_mse_per_image_hand_values() -> None:
+    a = torch.zeros(2, 3, 2, 2)
+    b = torch.zeros(2, 3, 2, 2)
+    b[0, 0, 0, 0] = 1.2  # one pixel of 12: MSE 1.44 / 12
+    b[1] = -0.5
+    torch.testing.assert_close(mse_per_image(a, b), torch.tensor([1.44 / 12, 0.25]))
+
+
+# -- SSIM --------------------------------------------------------------------------------
+
+
+def test_ssim_of_identical_images_is_one() -> None:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 24, 24, generator=generator) * 2 - 1
+    ssim = ssim_per_image(images, images.clone())
+    assert ssim.shape == (2,)
+    torch.testing.assert_close(ssim, torch.ones(2), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("a_value, b_value", [(0.0, 0.2), (-0.6, 0.4), (0.9, -0.9)])
+def test_ssim_of_constant_images_by_hand(a_value: float, b_value: float) -> None:
+    # On [0, 1]: mu = (v + 1) / 2. Constant images have var = cov = 0, so the structure
+    # term (2 cov + C2) / (var_a + var_b + C2) is 1 and SSIM = luminance term alone.
+    # Tolerance: the variances are E[x^2] - E[x]^2 in float32, whose cancellation leaves
+    # about 1e-6 where mu is near 1; next to C2 = 9e-4 that moves SSIM by up to ~1e-3 of
+    # its value (measured: 1e-4 absolute at most for these three pairs).
+    mu_a, mu_b = (a_value + 1) / 2, (b_value + 1) / 2
+    expected = (2 * mu_a * mu_b + SSIM_C1) / (mu_a**2 + mu_b**2 + SSIM_C1)
+    ssim = ssim_per_image(_full(a_value, size=16), _full(b_value, size=16))
+    assert ssim.item() == pytest.approx(expected, abs=3e-4)
+
+
+def test_ssim_constants_and_window() -> None:
+    assert SSIM_C1 == pytest.approx(0.01**2)
+    assert SSIM_C2 == pytest.approx(0.03**2)
+    # Images smaller than the 11x11 window still give one value each.
+    ssim = ssim_per_image(_full(0.0, batch=2, size=6), _full(0.2, batch=2, size=6))
+    assert ssim.shape == (2,)
+
+
+def test_ssim_decreases_with_noise_and_is_per_image() -> None:
+    generator = torch.Generator().manual_seed(2)
+    cover = torch.rand(1, 3, 24, 24, generator=generator) * 2 - 1
+    noise = torch.randn(1, 3, 24, 24, generator=generator)
+    batch_a = torch.cat([cover, cover, cover])
+    batch_b = torch.cat([cover, cover + 0.05 * noise, cover + 0.3 * noise])
+    ssim = ssim_per_image(batch_a, batch_b)
+    assert ssim[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert 1.0 > ssim[1].item() > ssim[2].item()
+    # Per image: the second image's score does not depend on its batch neighbours.
+    alone = ssim_per_image(cover, cover + 0.05 * noise)
+    torch.testing.assert_close(ssim[1:2], alone)
+
+
+def test_ssim_is_differentiable() -> None:
+    generator = torch.Generator().manual_seed(3)
+    cover = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    encoded = (cover + 0.1 * torch.randn(2, 3, 16, 16, generator=generator)).requires_grad_()
+    loss = 1 - ssim_per_image(encoded, cover).mean()
+    loss.backward()
+    assert encoded.grad is not None
+    assert encoded.grad.shape == encoded.shape
+    assert torch.isfinite(encoded.grad).all()
+    assert encoded.grad.abs().sum() > 0
+
+
+def test_ssim_under_bf16_autocast_matches_float32() -> None:
+    # The variances are E[x^2] - E[x]^2: in bf16 they cancel to noise, so SSIM must stay
+    # in float32 even inside the train step's autocast region.
+    generator = torch.Generator().manual_seed(4)
+    cover = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    encoded = cover + 0.05 * torch.randn(2, 3, 16, 16, generator=generator)
+    encoded, cover = encoded.bfloat16(), cover.bfloat16()
+    reference = ssim_per_image(encoded.float(), cover.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = ssim_per_image(encoded, cover)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, rtol=0, atol=1e-6)
+
+
+# -- bit accuracy ------------------------------------------------------------------------
+
+
+def test_bit_accuracy_hand_example() -> None:
+    message = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    decoded = torch.tensor(
+        [
+            [0.9, 0.1, 0.51, 0.49],  # all four right
+            [0.5, -3.0, 0.5, 2.0],  # 0.5 reads as 0: right, right, wrong, right
+        ]
+    )
+    torch.testing.assert_close(
+        bit_accuracy_per_image(decoded, message), torch.tensor([1.0, 0.75])
+    )
+
+
+def test_bit_accuracy_extremes_and_dtypes() -> None:
+    message = torch.tensor([[1.0, 1.0, 0.0]])
+    assert bit_accuracy_per_image(1 - message, message).item() == 0.0
+    assert bit_accuracy_per_image(message.to(torch.bfloat16), message).item() == 1.0
+    assert bit_accuracy_per_image(message, message.bool()).item() == 1.0
+
+
+# -- MetricSums --------------------------------------------------------------------------
+
+
+def test_metric_sums_means_over_all_images() -> None:
+    sums = MetricSums()
+    sums.add("psnr", torch.tensor([30.0, 40.0]))
+    sums.add("psnr", torch.tensor([50.0]))
+    sums.add("bitacc_identity", torch.tensor([1.0, 0.5, 0.75, 0.25]))
+    means = sums.means()
+    assert means == {"bitacc_identity": pytest.approx(0.625), "psnr": pytest.approx(40.0)}
+    assert list(means) == ["bitacc_identity", "psnr"]
+
+
+def test_metric_sums_empty_and_detached() -> None:
+    assert MetricSums().means() == {}
+    sums = MetricSums()
+    value = torch.tensor([1.0, 3.0], requires_grad=True)
+    sums.add("x", value * 2)
+    names, totals, counts = sums.sums_and_counts()
+    assert names == ["x"]
+    assert not totals.requires_grad
+    assert totals.tolist() == [8.0]
+    assert counts.tolist() == [2.0]
+    assert sums.means() == {"x": 4.0}
