@@ -14,9 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the built-in synthetic dataset, sized for a 2-core CPU (a few minutes):
+# measure and choose, train with exactly that choice, then show the recommendation again.
+DEMO_MODEL := --image-size 32 --message-bits 8 --channels 16 --noise "jpeg()+dropout(0.5,0.6)"
 demo: $(STAMP)
-	$(VENV)/bin/arwgan-train --epochs 2 --steps-per-epoch 40 --image-size 32 --message-bits 8 \
-		--channels 16 --batch 16 --workers 1 --val-images 128 --device cpu --out $(DEMO_OUT)/train
+	$(VENV)/bin/arwgan-autotune $(DEMO_MODEL) --target-mem 3GB --max-batch 128 --max-trials 8 \
+		--trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
+	$(VENV)/bin/arwgan-train --from-tuned $(DEMO_OUT)/tuned.json --epochs 2 --steps-per-epoch 30 \
+		--val-images 128 --out $(DEMO_OUT)/train
+	$(VENV)/bin/arwgan-autotune --show $(DEMO_OUT)/tuned.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -41,13 +41,22 @@ def autotune(
     max_workers: Annotated[Optional[int], typer.Option(help="Cap on DataLoader workers tried. [default: usable cores, plus one oversubscribed count]")] = None,
     compare_steps: Annotated[int, typer.Option(help="Train steps per round when comparing seed default and recommendation.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of every RNG.")] = 0,
+    show: Annotated[Optional[Path], typer.Option(help="Measure nothing: print the tables of an existing tuned file.")] = None,
 ) -> None:
     """Measure this machine and choose batch, precision, workers and learning rate for ARWGAN."""
-    from autotune.report import machine_table, plot_trials, print_report
+    from autotune.report import machine_table, plot_trials, print_report, result_from_tuned
     from autotune.search import SearchError
-    from autotune.tuned import save_tuned
+    from autotune.tuned import load_tuned, save_tuned
     from autotune.tuner import TuneConfig, Tuner
 
+    if show is not None:
+        try:
+            shown = result_from_tuned(load_tuned(show))
+        except UserError as exc:
+            raise fail(str(exc)) from None
+        console.print(machine_table(shown.machine))
+        print_report(console, shown)
+        return
     try:
         defaults = ModelConfig()
         model = ModelConfig(
@@ -81,7 +90,7 @@ def autotune(
             raise UserError(f"unknown precision {precision!r}; choose one of fp32, bf16, fp16")
         with console.status("probing") as status:
             tuner = Tuner(cfg, report=lambda message: status.update(f"measuring: {message}"))
-            machine = tuner.probe()
+            machine = tuner.prepare()
         console.print(machine_table(machine))
         with console.status("measuring") as status:
             tuner.report = lambda message: status.update(f"measuring: {message}")

@@ -155,3 +155,23 @@ def plot_trials(result: TuneResult, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def result_from_tuned(tuned) -> TuneResult:
+    """Rebuild what the tables need from a tuned file's recorded measurements."""
+    from autotune.decisions import PrecisionMeasurement, WorkerMeasurement
+    from autotune.search import SearchResult
+
+    m = tuned.measurements
+    try:
+        return TuneResult(
+            tuned=tuned,
+            machine=m["machine"],
+            search=SearchResult.from_dict(m["search"]),
+            precision=[PrecisionMeasurement(**p) for p in m["precision"]],
+            workers=[WorkerMeasurement(**w) for w in m["workers"]],
+            target_bytes=m["target_bytes"],
+            warnings=list(m.get("warnings", [])),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"tuned file lacks the measurements to show ({type(exc).__name__}: {exc})") from None

@@ -350,12 +350,19 @@ class Tuner:
         }
 
     # -- the whole job ---------------------------------------------------------------------------
+    def prepare(self) -> dict:
+        """Probe and check every user input (target, precision, data) before measuring."""
+        machine = self.probe()
+        self.target = self.target_bytes()
+        self.precision_candidates()
+        self.datasets()
+        return machine
+
     def run(self) -> TuneResult:
         cfg = self.cfg
         started = time.perf_counter()
         self.trials_run: list[TrialMeasurement] = []
-        machine = getattr(self, "machine", None) or self.probe()
-        self.target = self.target_bytes()
+        machine = getattr(self, "machine", None) or self.prepare()
         self.report(f"memory target {format_bytes(self.target)}")
         memory_before = self._process_memory()
 
