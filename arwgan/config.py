@@ -18,6 +18,9 @@ OFFICIAL_NOISE = (
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+#: Learning-rate rules (the same names as :data:`autotune.decisions.LR_RULES`).
+LR_RULES = ("linear", "sqrt", "none")
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -201,6 +204,17 @@ class TrainConfig:
     """Steps between progress refreshes (each one is a device sync)."""
     max_minutes: float | None = None
     """Stop after the epoch during which this much training time has passed."""
+    lr_rule: str | None = None
+    """How the learning rates follow the world size under torchrun. None: they are used
+    as given, whatever the number of processes (DDP averages gradients, so they are the
+    rates of the global batch). linear | sqrt | none: they were set for a global batch
+    of ``batch_size * lr_world_size`` and are rescaled with this rule
+    (:func:`autotune.decisions.scale_lr`) to ``batch_size * world_size``."""
+    lr_world_size: int = 1
+    """The world size the learning rates were set for (1: the per-rank batch on one
+    process); only read when ``lr_rule`` is set."""
+    sync_bn: bool = False
+    """With more than one process (CUDA): SyncBatchNorm, statistics over the global batch."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -240,6 +254,15 @@ class TrainConfig:
             f"max minutes must be positive, got {self.max_minutes!r}",
         )
         _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _require(
+            self.lr_rule is None or self.lr_rule in LR_RULES,
+            f"learning-rate rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}",
+        )
+        _require(
+            isinstance(self.lr_world_size, int) and self.lr_world_size >= 1,
+            f"lr world size must be a positive integer, got {self.lr_world_size!r}",
+        )
+        _require(isinstance(self.sync_bn, bool), f"sync_bn must be true or false, got {self.sync_bn!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

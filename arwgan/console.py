@@ -41,8 +41,10 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         if kind == "NoArgsIsHelpError":
             ctx = getattr(exc, "ctx", None)
-            if ctx is not None:
-                console.print(ctx.get_help())
+            # typer's get_help() prints the help itself (and returns ''); click's returns it.
+            text = ctx.get_help() if ctx is not None else ""
+            if text:
+                console.print(text)
             return EXIT_USAGE
         if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE:
             ctx = getattr(exc, "ctx", None)

@@ -35,7 +35,7 @@ FLAT_LAYOUT = "flat folder"
 
 #: What PIL raises for a file it cannot decode: not an image, corrupt, truncated, too
 #: large (decompression bomb), an unsupported mode conversion, or vanished since listing.
-_UNREADABLE = (
+UNREADABLE_ERRORS = (
     OSError,
     SyntaxError,
     ValueError,
@@ -62,7 +62,7 @@ def _no_images(folder: Path) -> DataError:
     return DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under '{folder}'")
 
 
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     """Image files anywhere under ``folder``, sorted; hidden files and folders are skipped.
 
     Hidden entries are skipped relative to ``folder`` only (the folder itself may sit in
@@ -118,13 +118,13 @@ def find_image_files(
         (HIDDEN_LAYOUT, "train", "val"),
     ):
         if (root / train_name).is_dir() and (root / val_name).is_dir():
-            sides = [_list_images(root / name) for name in (train_name, val_name)]
+            sides = [list_images(root / name) for name in (train_name, val_name)]
             for name, files in zip((train_name, val_name), sides):
                 if not files:
                     raise _no_images(root / name)
             return sides[0], sides[1], layout
 
-    files = _list_images(root)
+    files = list_images(root)
     if not files:
         raise _no_images(root)
     if len(files) == 1:
@@ -277,7 +277,7 @@ class WatermarkDataset(Dataset):
                 try:
                     pixels = load_rgb(self.files[position])
                     break
-                except _UNREADABLE as exc:
+                except UNREADABLE_ERRORS as exc:
                     self._unreadable[position] = f"{type(exc).__name__}: {exc}"
             skipped += 1
         else:

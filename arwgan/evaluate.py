@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -33,6 +33,7 @@ def evaluate(
     max_images: int | None = None,
     seed: int = 0,
     noiser=None,
+    reduce: Callable[[MetricSums], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """PSNR and SSIM of encoded vs cover, bit accuracy with no noise and under every
     configured attack, each applied to every image.
@@ -41,11 +42,18 @@ def evaluate(
     same every epoch and does not disturb the training RNG.
     ``noiser`` defaults to the one the model trains with; pass another to evaluate under
     attacks it never saw.
+    ``reduce`` turns the sums into means instead of ``MetricSums.means``: under torchrun,
+    :func:`arwgan.distributed.reduce_metric_sums` adds every rank's sums and counts first.
+    Every metric is then registered up front, so that a rank whose share of the images
+    is empty still contributes the same (zero) entries.
     """
     noiser = noiser if noiser is not None else nets.noiser
     nets.eval()
     keys = attack_keys(noiser)
     sums = MetricSums()
+    if reduce is not None:
+        for name in ("psnr", "ssim", *(f"bitacc_{key}" for key in keys)):
+            sums.add(name, torch.zeros(0, device=device))
     seen = 0
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
@@ -67,4 +75,4 @@ def evaluate(
                     decoded = nets.decoder(noised)
                     sums.add(f"bitacc_{key}", bit_accuracy_per_image(decoded, messages))
     nets.train()
-    return sums.means()
+    return sums.means() if reduce is None else reduce(sums)

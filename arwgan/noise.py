@@ -170,10 +170,7 @@ class GaussianBlur(NoiseLayer):
         self.register_buffer("taps", (taps / taps.sum()).float(), persistent=False)
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-        pad = self.kernel_size // 2
-        height, width = encoded.shape[-2:]
-        mode = "reflect" if pad < min(height, width) else "replicate"
-        padded = F.pad(encoded, (pad, pad, pad, pad), mode=mode)
+        padded = _pad_same(encoded, self.kernel_size // 2)
         channels = encoded.shape[1]
         taps = self.taps.to(encoded)
         vertical = taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
@@ -192,6 +189,81 @@ class GaussianNoise(NoiseLayer):
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
         std = _uniform(self.std_range, encoded.device)
         return encoded + std * torch.randn_like(encoded)
+
+
+class SaltPepper(NoiseLayer):
+    """Set each pixel, with probability p (drawn per batch), to black (-1) or white (+1),
+    each as likely; the choice is shared over channels, as a dead or hot sensor pixel."""
+
+    def __init__(self, fraction_range: Range) -> None:
+        super().__init__()
+        self.fraction_range = fraction_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        fraction = _uniform(self.fraction_range, encoded.device)
+        batch, _, height, width = encoded.shape
+        hit = torch.rand((batch, 1, height, width), device=encoded.device) < fraction
+        white = torch.rand((batch, 1, height, width), device=encoded.device) < 0.5
+        extreme = torch.where(white, 1.0, -1.0).to(encoded.dtype)
+        return torch.where(hit, extreme, encoded)
+
+
+def _pad_same(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Pad by ``pad`` on every side: reflected where the image is large enough (no dark
+    border), replicated otherwise."""
+    height, width = x.shape[-2:]
+    mode = "reflect" if pad < min(height, width) else "replicate"
+    return F.pad(x, (pad, pad, pad, pad), mode=mode)
+
+
+class Median(NoiseLayer):
+    """Median filter over a ``kernel_size`` x ``kernel_size`` window (odd), per channel,
+    size kept (padding as :class:`GaussianBlur`).
+
+    Built on ``unfold``, so it holds kernel_size^2 copies of the image: fine for the
+    3x3 and 5x5 filters of an evaluation sweep, costly for large kernels. The gradient
+    reaches the pixel each median was taken from.
+    """
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        k = self.kernel_size
+        if k == 1:
+            return encoded
+        padded = _pad_same(encoded, k // 2)
+        windows = padded.unfold(2, k, 1).unfold(3, k, 1)  # (B, C, H, W, k, k), a view
+        return windows.reshape(*encoded.shape, k * k).median(dim=-1).values
+
+
+class Brightness(NoiseLayer):
+    """Multiply the intensities, on the [0, 1] scale, by a factor drawn per batch from
+    ``factor_range`` (below 1 darkens), then clamp to the valid range."""
+
+    def __init__(self, factor_range: Range) -> None:
+        super().__init__()
+        self.factor_range = factor_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        factor = _uniform(self.factor_range, encoded.device)
+        return (((encoded + 1) / 2 * factor).clamp(0, 1)) * 2 - 1
+
+
+class Contrast(NoiseLayer):
+    """Scale each image's deviations from its own mean intensity (over channels and
+    pixels) by a factor drawn per batch from ``factor_range`` (below 1 flattens), then
+    clamp to the valid range. The mean is the same on either scale, so no rescaling."""
+
+    def __init__(self, factor_range: Range) -> None:
+        super().__init__()
+        self.factor_range = factor_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        factor = _uniform(self.factor_range, encoded.device)
+        mean = encoded.mean(dim=(1, 2, 3), keepdim=True)
+        return (mean + factor * (encoded - mean)).clamp(-1, 1)
 
 
 # JPEG ----------------------------------------------------------------------------------
@@ -447,6 +519,24 @@ def _check_std(args: tuple) -> None:
             raise _SpecProblem(f"std must be >= 0, got {_render(value)}")
 
 
+def _check_probability(args: tuple) -> None:
+    for value in _range(args * 2 if len(args) == 1 else args, "fraction range"):
+        if not 0 <= value <= 1:
+            raise _SpecProblem(f"fraction must be in [0, 1], got {_render(value)}")
+
+
+def _check_factor(args: tuple) -> None:
+    for value in _range(args * 2 if len(args) == 1 else args, "factor range"):
+        if not value > 0:
+            raise _SpecProblem(f"factor must be > 0, got {_render(value)}")
+
+
+def _check_median(args: tuple) -> None:
+    kernel_size = _integer(args[0], "kernel size")
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise _SpecProblem(f"kernel size must be odd and >= 1, got {kernel_size}")
+
+
 @dataclass(frozen=True)
 class _Rule:
     """How a layer name is checked and built. ``arities``: accepted argument counts."""
@@ -476,6 +566,24 @@ _RULES: dict[str, _Rule] = {
         (1, 2),
         lambda args: _check_std(_scalars(args)),
         lambda args: GaussianNoise((args[0], args[-1])),
+    ),
+    # Real-image attacks for evaluation sweeps (usable in training too). A single
+    # argument is a fixed value, two are a (min, max) range drawn per batch.
+    "salt_pepper": _Rule(
+        (1, 2),
+        lambda args: _check_probability(_scalars(args)),
+        lambda args: SaltPepper((args[0], args[-1])),
+    ),
+    "median": _Rule((1,), _check_median, lambda args: Median(args[0])),
+    "brightness": _Rule(
+        (1, 2),
+        lambda args: _check_factor(_scalars(args)),
+        lambda args: Brightness((args[0], args[-1])),
+    ),
+    "contrast": _Rule(
+        (1, 2),
+        lambda args: _check_factor(_scalars(args)),
+        lambda args: Contrast((args[0], args[-1])),
     ),
 }
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arwgan.config import ModelConfig, OptimConfig
+from arwgan.distributed import DistContext
 from arwgan.errors import ConfigError
 from arwgan.metrics import bit_accuracy_per_image, ssim_per_image
 from arwgan.model import Decoder, Discriminator, Encoder
@@ -97,11 +98,71 @@ class Networks(nn.Module):
         self.noiser = Noiser(cfg.noise, noise_seed)
 
 
+class WatermarkGenerator(nn.Module):
+    """Encoder -> noise -> decoder: everything the generator loss trains, as one module.
+
+    It holds the same encoder, decoder and noiser objects as :class:`Networks` (so it
+    adds nothing to the checkpoint); it exists so that DistributedDataParallel can wrap
+    the generator as one unit with one forward and one backward per step.
+    """
+
+    def __init__(self, nets: Networks) -> None:
+        super().__init__()
+        self.encoder = nets.encoder
+        self.noiser = nets.noiser
+        self.decoder = nets.decoder
+
+    def forward(self, images: torch.Tensor, messages: torch.Tensor):
+        encoded = self.encoder(images, messages)
+        return encoded, self.decoder(self.noiser(encoded, images))
+
+
+def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in DistributedDataParallel.
+
+    Wrapping broadcasts rank 0's parameters and buffers: every rank starts from the same
+    weights whatever its own initialisation. Buffers are not re-broadcast before every
+    forward: in training BatchNorm normalises with batch statistics, so the running
+    statistics only matter for validation and checkpoints, which use rank 0's (the
+    trainer broadcasts them there); rank 0's own are the same either way, and each step
+    saves three broadcasts.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    # torch >= 2.14 renamed broadcast_buffers (per forward) to forward_sync_buffers.
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(module, device_ids=device_ids, forward_sync_buffers=False)
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 class GANStep:
     """Owns the networks, both Adam optimisers and (fp16) gradient scalers.
 
     ``__call__(images, messages)`` runs discriminator step then generator step, with the
     encoder forward shared by both, as in the official implementation.
+
+    With ``dist`` (a :class:`arwgan.distributed.DistContext` in a process group) the
+    generator and the discriminator are each wrapped in DistributedDataParallel,
+    which averages their gradients over ranks during ``backward``:
+
+    - the generator (encoder + noise + decoder) runs forward once and backward once
+      per step, the plain DDP pattern;
+    - the discriminator is called through its DDP wrapper twice before the D loss's
+      one backward (cover, then the detached encoded image). Both calls use the same
+      parameters, whose gradients autograd sums before each parameter's gradient hook
+      fires once, so DDP reduces each gradient exactly once. Keeping two calls (not one
+      on ``cat([cover, encoded])``) keeps BatchNorm's statistics per call, as in the
+      single-process step;
+    - the generator's adversarial term calls the *unwrapped* discriminator with its
+      parameters frozen: no gradient reaches D's parameters there, so DDP must not
+      expect a reduction for them (it would wait for gradients that never come).
+
+    ``sync_bn`` (more than one process, CUDA) turns every BatchNorm into SyncBatchNorm,
+    whose statistics cover the global batch. Without it each rank normalises with its
+    own batch, the usual DDP behaviour.
     """
 
     def __init__(
@@ -112,8 +173,14 @@ class GANStep:
         device: torch.device,
         seed: int = 0,
         channels_last: bool = False,
+        dist: DistContext | None = None,
+        sync_bn: bool = False,
     ) -> None:
         check_precision(precision, device)
+        self.dist = dist if dist is not None and dist.distributed else None
+        sync_bn = sync_bn and self.dist is not None and self.dist.world_size > 1
+        if sync_bn and device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU kernels")
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
         self.precision = precision
@@ -123,6 +190,15 @@ class GANStep:
         self.nets = Networks(model_cfg, noise_seed=seed).to(device)
         if channels_last:
             self.nets.to(memory_format=torch.channels_last)
+        if sync_bn:
+            # Converted in place: the new layers keep the same parameters, buffers and
+            # state_dict keys, so checkpoints move freely between the two.
+            self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)
+        self.generator: nn.Module = WatermarkGenerator(self.nets)
+        self.discriminator: nn.Module = self.nets.discriminator
+        if self.dist is not None:
+            self.generator = _data_parallel(self.generator, device)
+            self.discriminator = _data_parallel(self.nets.discriminator, device)
         betas = (optim_cfg.beta1, optim_cfg.beta2)
         generator_params = [*self.nets.encoder.parameters(), *self.nets.decoder.parameters()]
         self.opt_g = torch.optim.Adam(generator_params, lr=optim_cfg.lr_g, betas=betas)
@@ -188,12 +264,24 @@ class GANStep:
         feeding a NaN into Adam's moment estimates.
         """
         optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(loss).item()):
+        if not self._all_finite(loss):
             return True
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         return False
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Is the loss finite, on every rank? Ranks must agree: one that skipped its
+        backward would leave the others waiting in DDP's gradient all-reduce."""
+        finite = torch.isfinite(loss.detach())
+        if self.dist is None:
+            return bool(finite.item())
+        import torch.distributed as torch_dist
+
+        flag = finite.to(torch.int32).reshape(1)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def __call__(self, images: torch.Tensor, messages: torch.Tensor) -> StepResult:
         nets, w = self.nets, self.weights
@@ -202,12 +290,11 @@ class GANStep:
         # One multi-tensor copy of the BN statistics (a few KB); restored only on a skip.
         bn_snapshot = torch._foreach_mul(self._bn_stats, 1.0) if self._bn_stats else []
         with autocast(self.precision, self.device):
-            encoded = nets.encoder(images, messages)
-            decoded = nets.decoder(nets.noiser(encoded, images))
+            encoded, decoded = self.generator(images, messages)
 
             # Discriminator: cover is real (1), the detached encoded image is fake (0).
-            real_logits = nets.discriminator(images)
-            fake_logits = nets.discriminator(encoded.detach())
+            real_logits = self.discriminator(images)
+            fake_logits = self.discriminator(encoded.detach())
             d_loss = F.binary_cross_entropy_with_logits(
                 real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32)
             ) + F.binary_cross_entropy_with_logits(
@@ -216,7 +303,8 @@ class GANStep:
         skipped_d = self._update(d_loss, self.opt_d, self.scaler_d)
 
         # The generator's adversarial term must not leave gradients on D's weights:
-        # freezing them here also saves computing those gradients at all.
+        # freezing them here also saves computing those gradients at all. It calls the
+        # unwrapped discriminator (nets.discriminator), never its DDP wrapper.
         nets.discriminator.requires_grad_(False)
         try:
             with autocast(self.precision, self.device):

@@ -1,17 +1,24 @@
 """``fit()``: the training loop, written as a handful of named steps.
 
 setup -> for each epoch: train_epoch -> validate -> log -> checkpoint.
+
+Under ``torchrun`` every process runs this same loop on its own shard of the data
+(see :mod:`arwgan.distributed`): the networks are DDP-wrapped by :class:`GANStep`,
+decisions that end the loop (Ctrl-C, the time budget, non-finite losses) are agreed
+over ranks so that no rank is left waiting in a collective, metrics are reduced over
+ranks, and only rank 0 prints, logs, draws progress and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,8 +26,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from arwgan.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from arwgan.config import LoaderConfig, TrainConfig
+from arwgan.config import LoaderConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
+from arwgan.distributed import (
+    DistContext,
+    cleanup,
+    init_distributed,
+    local_main_first,
+    rank_seed,
+    reduce_metric_sums,
+    single_process,
+)
 from arwgan.errors import CheckpointError, ConfigError, TrainingDiverged
 from arwgan.evaluate import evaluate
 from arwgan.step import LOSS_NAMES, GANStep, check_precision, resolve_device
@@ -40,6 +56,36 @@ def peak_memory_bytes(device: torch.device) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def optim_for_world_size(cfg: TrainConfig, world_size: int) -> tuple[OptimConfig, str | None]:
+    """The learning rates to train with under ``world_size`` processes, and a line saying
+    how they were rescaled (None when they are used as given).
+
+    ``cfg.lr_rule`` None keeps them; otherwise they were set for a global batch of
+    ``batch_size * cfg.lr_world_size`` and follow the rule to ``batch_size * world_size``
+    (for linear and sqrt this equals recomputing them from the tuner's reference).
+    """
+    if cfg.lr_rule is None or world_size == cfg.lr_world_size:
+        return cfg.optim, None
+    from autotune.decisions import scale_lr
+
+    batch = cfg.loader.batch_size
+    old_global, new_global = batch * cfg.lr_world_size, batch * world_size
+    lr_g = scale_lr(cfg.optim.lr_g, old_global, new_global, cfg.lr_rule)
+    lr_d = scale_lr(cfg.optim.lr_d, old_global, new_global, cfg.lr_rule)
+    message = (
+        f"learning rates set for world size {cfg.lr_world_size} (global batch {old_global}), "
+        f"running with {world_size} (global batch {new_global}): lr G {cfg.optim.lr_g:.3g} -> "
+        f"{lr_g:.3g}, D {cfg.optim.lr_d:.3g} -> {lr_d:.3g} ({cfg.lr_rule} rule)"
+    )
+    return replace(cfg.optim, lr_g=lr_g, lr_d=lr_d), message
+
+
+def validation_share(total: int, rank: int, world_size: int) -> int:
+    """How many of the first ``total`` validation images rank ``rank`` evaluates when
+    they are dealt out round-robin (as :class:`EpochSampler` shards them)."""
+    return len(range(rank, total, world_size))
 
 
 @dataclass
@@ -84,42 +130,78 @@ class Interrupted(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, console: Console | None = None) -> None:
+    def __init__(
+        self, cfg: TrainConfig, console: Console | None = None, dist: DistContext | None = None
+    ) -> None:
+        """``dist``: this process's place in a torchrun job (see :func:`fit`); None trains
+        in this process alone, on ``cfg.device``."""
         self.cfg = cfg
-        self.console = console or Console(stderr=True)
-        self.device = resolve_device(cfg.device)
+        self.dist = dist if dist is not None else single_process(resolve_device(cfg.device))
+        self.device = self.dist.device
+        world = self.dist.world_size
+        # Only rank 0 talks; the others keep a console that writes nowhere.
+        if self.dist.is_main:
+            self.console = console or Console(stderr=True)
+        else:
+            self.console = Console(file=io.StringIO(), quiet=True)
         check_precision(cfg.precision, self.device)  # before any slow data preparation
+        if cfg.sync_bn and world > 1 and self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA: torch's SyncBatchNorm has no CPU kernels")
         self.out_dir = Path(cfg.out_dir)
-        self.train_set, self.val_set, self.data_description = build_datasets(
-            cfg.data_dir,
-            cfg.model.image_size,
-            cfg.model.message_bits,
-            seed=cfg.seed,
-            val_fraction=cfg.val_fraction,
-        )
+        # The synthetic set is generated on first use: once per node, not once per rank.
+        with local_main_first(self.dist):
+            self.train_set, self.val_set, self.data_description = build_datasets(
+                cfg.data_dir,
+                cfg.model.image_size,
+                cfg.model.message_bits,
+                seed=cfg.seed,
+                val_fraction=cfg.val_fraction,
+            )
+        self.optim, self.lr_message = optim_for_world_size(cfg, world)
         self.gan = GANStep(
-            cfg.model, cfg.optim, cfg.precision, self.device, cfg.seed, cfg.channels_last
+            cfg.model, self.optim, cfg.precision, self.device, cfg.seed, cfg.channels_last,
+            dist=self.dist, sync_bn=cfg.sync_bn,
         )
+        if self.dist.distributed:
+            # Same initial weights on every rank (seeded above, and DDP broadcasts rank
+            # 0's), but each rank's own stream for the random noise layers: identical
+            # streams would give every shard the same dropout masks and crops.
+            torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
         if self.device.type == "cuda":
             # The input shape never changes during a run, so autotuned conv kernels pay.
             torch.backends.cudnn.benchmark = True
-        self.train_sampler = EpochSampler(len(self.train_set), seed=cfg.seed, epoch=0)
+        # DistributedSampler's role: EpochSampler shards each epoch's order exactly as
+        # DistributedSampler does (padded to a multiple of the world size, rank r takes
+        # every world_size-th item from the r-th), and set_epoch() moves it on each epoch.
+        self.train_sampler = EpochSampler(
+            len(self.train_set), seed=cfg.seed, epoch=0, rank=self.dist.rank, world_size=world
+        )
         self.train_loader = make_loader(
             self.train_set, cfg.loader, self.train_sampler, drop_last=True
         )
         if len(self.train_loader) == 0:
+            per_rank = f" x {world} processes" if world > 1 else ""
             raise ConfigError(
-                f"batch {cfg.loader.batch_size} is larger than the {len(self.train_set)} "
-                "training images; lower --batch"
+                f"batch {cfg.loader.batch_size}{per_rank} is larger than the "
+                f"{len(self.train_set)} training images; lower --batch"
             )
         val_loader_cfg = LoaderConfig(
             batch_size=cfg.loader.batch_size,
             num_workers=min(cfg.loader.num_workers, 2),
             pin_memory=cfg.loader.pin_memory,
         )
-        # Validation always sees the same images with the same messages (epoch fixed).
-        self.val_sampler = EpochSampler(len(self.val_set), seed=cfg.seed, epoch=0, shuffle=False)
+        # Validation always sees the same images with the same messages (epoch fixed),
+        # dealt out over the ranks; each evaluates its share of the first val_images.
+        self.val_sampler = EpochSampler(
+            len(self.val_set), seed=cfg.seed, epoch=0, shuffle=False,
+            rank=self.dist.rank, world_size=world,
+        )
         self.val_loader = make_loader(self.val_set, val_loader_cfg, self.val_sampler, False)
+        val_total = len(self.val_set) if cfg.val_images is None else min(cfg.val_images, len(self.val_set))
+        self.val_images = (
+            cfg.val_images if not self.dist.distributed
+            else validation_share(val_total, self.dist.rank, world)
+        )
         self.epoch = 0
         self.epoch_step = 0
         self.nonfinite_streak = 0
@@ -131,16 +213,21 @@ class Trainer:
         return self.out_dir / CHECKPOINT_NAME
 
     def save(self, epoch: int, epoch_step: int) -> Path:
-        save_checkpoint(
-            self.checkpoint_path,
-            {
-                "config": self.cfg.to_dict(),
-                "gan": self.gan.state_dict(),
-                "epoch": epoch,
-                "epoch_step": epoch_step,
-                "rng": rng_states(),
-            },
-        )
+        """Write the checkpoint (rank 0). Under torchrun every rank must call this: each
+        rank's RNG state is gathered into the file, and rank 0's BatchNorm statistics
+        are the ones saved (all ranks hold the same parameters)."""
+        state = {
+            "config": self.cfg.to_dict(),
+            "gan": self.gan.state_dict(),
+            "epoch": epoch,
+            "epoch_step": epoch_step,
+            "rng": rng_states(),
+        }
+        if self.dist.distributed:
+            state["world_size"] = self.dist.world_size
+            state["rng_ranks"] = self.dist.all_gather_object(rng_states())
+        if self.dist.is_main:
+            save_checkpoint(self.checkpoint_path, state)
         return self.checkpoint_path
 
     def resume(self, path: str | Path) -> None:
@@ -152,8 +239,24 @@ class Trainer:
                 f"({saved_model.image_size}px, {saved_model.message_bits} bits, "
                 f"{saved_model.channels} channels, noise {saved_model.noise!r})"
             )
+        saved_world = int(state.get("world_size", 1))
+        if int(state["epoch_step"]) and saved_world != self.dist.world_size:
+            # Its position counts global batches of another size: the samples already
+            # seen this epoch would be mis-counted.
+            raise CheckpointError(
+                f"checkpoint '{path}' was saved mid-epoch by {saved_world} process(es); resume "
+                f"it with {saved_world} (checkpoints from the end of an epoch resume with any number)"
+            )
         self.gan.load_state_dict(state["gan"])
-        set_rng_states(state["rng"])
+        rng_ranks = state.get("rng_ranks")
+        if rng_ranks is not None and len(rng_ranks) == self.dist.world_size:
+            set_rng_states(rng_ranks[self.dist.rank])
+        elif self.dist.distributed:
+            # Another world size: rank 0's state, then each rank's own stream (as at start).
+            set_rng_states(state["rng"])
+            torch.manual_seed(rank_seed(self.cfg.seed, self.dist.rank, self.gan.step_count))
+        else:
+            set_rng_states(state["rng"])
         self.epoch = int(state["epoch"])
         self.epoch_step = int(state["epoch_step"])
 
@@ -166,8 +269,10 @@ class Trainer:
 
     def train_epoch(self, progress: Progress) -> EpochStats:
         cfg, device, batch = self.cfg, self.device, self.cfg.loader.batch_size
+        world = self.dist.world_size
         total_steps = self.steps_this_epoch()
-        self.train_sampler.set_epoch(self.epoch, start=self.epoch_step * batch)
+        # start counts the items all ranks together consumed before a mid-epoch checkpoint.
+        self.train_sampler.set_epoch(self.epoch, start=self.epoch_step * batch * world)
         task = progress.add_task(
             f"epoch {self.epoch + 1}/{cfg.epochs}", total=total_steps, completed=self.epoch_step,
             stats="",
@@ -223,9 +328,13 @@ class Trainer:
                     progress.update(
                         task,
                         completed=self.epoch_step,
-                        stats=f"{steps * batch / elapsed:7.1f} img/s  G {g:.4f}  D {d:.4f}  "
-                        f"bits {acc:.3f}  mem {mem:.2f} GiB",
+                        stats=f"{steps * batch * world / elapsed:7.1f} img/s  G {g:.4f}  "
+                        f"D {d:.4f}  bits {acc:.3f}  mem {mem:.2f} GiB",
                     )
+                # Ctrl-C reaches the ranks at different moments: stop where any has seen
+                # it, all at the same step (one tiny all_reduce per step, only under DDP).
+                if self.dist.distributed:
+                    self.stop_requested = self.dist.any(self.stop_requested)
                 if self.stop_requested:
                     path = self.save(self.epoch, self.epoch_step)
                     raise Interrupted(path)
@@ -234,10 +343,12 @@ class Trainer:
         _sync(device)
         seconds = time.perf_counter() - start
         good = max(steps - nonfinite, 1)
+        if self.dist.distributed:
+            loss_sums, skipped_files = self._reduce_epoch_sums(loss_sums, skipped_files)
         losses = {name: float(value / good) for name, value in loss_sums.items()}
         return EpochStats(
             steps=steps,
-            images=steps * batch,
+            images=steps * batch * world,
             seconds=seconds,
             data_wait_s=data_wait,
             losses=losses,
@@ -245,18 +356,46 @@ class Trainer:
             nonfinite_steps=nonfinite,
         )
 
+    def _reduce_epoch_sums(self, loss_sums: dict[str, torch.Tensor], skipped_files: torch.Tensor):
+        """Loss sums averaged over ranks, unreadable files summed: one all_reduce.
+        Every rank has the same loss names (ranks agree on which steps were skipped)."""
+        world = self.dist.world_size
+        names = sorted(loss_sums)
+        packed = torch.stack(
+            [*(loss_sums[n].detach().float().to(self.device) for n in names),
+             skipped_files.float().to(self.device)]
+        )
+        self.dist.all_reduce_sum_(packed)
+        reduced = {name: packed[i] / world for i, name in enumerate(names)}
+        return reduced, packed[-1].round().long()
+
     def validate(self) -> dict[str, float]:
+        if not self.dist.distributed:
+            return evaluate(
+                self.gan.nets,
+                self.val_loader,
+                self.device,
+                self.cfg.precision,
+                max_images=self.cfg.val_images,
+                seed=self.cfg.seed,
+            )
+        # Every rank evaluates rank 0's model (the one the checkpoint holds) on its share
+        # of the images; sums and counts are added over ranks. Attacks draw from a
+        # generator seeded per rank, so their random choices differ from a single run.
+        self.dist.broadcast_buffers(self.gan.nets)
         return evaluate(
             self.gan.nets,
             self.val_loader,
             self.device,
             self.cfg.precision,
-            max_images=self.cfg.val_images,
-            seed=self.cfg.seed,
+            max_images=self.val_images,
+            seed=rank_seed(self.cfg.seed, self.dist.rank, "validation"),
+            reduce=lambda sums: reduce_metric_sums(self.dist, sums),
         )
 
     # -- logging -------------------------------------------------------------------------
     def log_row(self, stats: EpochStats, val: dict[str, float]) -> dict[str, float]:
+        """The epoch's row of log.csv (written by rank 0 only; every rank returns it)."""
         row: dict[str, float] = {
             "epoch": self.epoch + 1,
             "step": self.gan.step_count,
@@ -270,6 +409,8 @@ class Trainer:
             "nonfinite_steps": stats.nonfinite_steps,
             **{f"val_{k}": round(v, 6) for k, v in val.items()},
         }
+        if not self.dist.is_main:
+            return row
         path = self.out_dir / LOG_NAME
         new_file = not path.exists()
         with path.open("a", newline="") as fh:
@@ -314,13 +455,26 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def fit(self) -> FitResult:
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg, world = self.cfg, self.dist.world_size
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         result = FitResult(out_dir=self.out_dir, epochs_done=self.epoch)
+        if self.lr_message:
+            self.console.print(self.lr_message)
+        if cfg.sync_bn and world == 1:
+            self.console.print("note: --sync-bn has no effect in a single process")
+        where = f"{self.device}" if not self.dist.distributed else (
+            f"{world} process{'es' if world > 1 else ''} ({self.dist.backend}, {self.device.type}"
+            f"{', SyncBatchNorm' if cfg.sync_bn and world > 1 else ''})"
+        )
+        batch_text = (
+            f"batch {cfg.loader.batch_size}" if world == 1
+            else f"batch {cfg.loader.batch_size} per process ({cfg.loader.batch_size * world} global)"
+        )
         self.console.print(
-            f"training on {self.device} ({cfg.precision}), {self.data_description}; "
-            f"batch {cfg.loader.batch_size}, {cfg.loader.num_workers} workers, "
-            f"lr G {cfg.optim.lr_g:g} D {cfg.optim.lr_d:g}; output {self.out_dir}"
+            f"training on {where} ({cfg.precision}), {self.data_description}; "
+            f"{batch_text}, {cfg.loader.num_workers} workers, "
+            f"lr G {self.optim.lr_g:g} D {self.optim.lr_d:g}; output {self.out_dir}"
         )
         progress = Progress(
             TextColumn("{task.description}"),
@@ -331,11 +485,16 @@ class Trainer:
             TextColumn("{task.fields[stats]}"),
             console=self.console,
             transient=True,
+            disable=not self.dist.is_main,
         )
         started = time.perf_counter()
         with progress, self._deferred_interrupt():
             while self.epoch < cfg.epochs:
-                if cfg.max_minutes is not None and time.perf_counter() - started > 60 * cfg.max_minutes:
+                over_budget = (
+                    cfg.max_minutes is not None
+                    and time.perf_counter() - started > 60 * cfg.max_minutes
+                )
+                if self.dist.any(over_budget):  # every rank's clock differs: agree
                     self.console.print(f"time budget of {cfg.max_minutes:g} min reached")
                     break
                 stats = self.train_epoch(progress)
@@ -349,12 +508,31 @@ class Trainer:
         return result
 
 
-def fit(cfg: TrainConfig, resume: str | Path | None = None, console: Console | None = None):
-    """Train per ``cfg``; with ``resume``, continue from that checkpoint."""
-    trainer = Trainer(cfg, console)
-    if resume is not None:
-        trainer.resume(resume)
-    return trainer.fit()
+def fit(
+    cfg: TrainConfig,
+    resume: str | Path | None = None,
+    console: Console | None = None,
+    dist: DistContext | None = None,
+):
+    """Train per ``cfg``; with ``resume``, continue from that checkpoint.
+
+    Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment), this process
+    joins the process group, trains its shard and leaves the group when done or
+    failed; an exception is never swallowed, so the process exits non-zero and torchrun
+    stops the whole job. ``dist`` passes a context that the caller set up (and cleans
+    up) itself.
+    """
+    own_group = dist is None
+    if dist is None:
+        dist = init_distributed(cfg.device)
+    try:
+        trainer = Trainer(cfg, console, dist)
+        if resume is not None:
+            trainer.resume(resume)
+        return trainer.fit()
+    finally:
+        if own_group:
+            cleanup()
 
 
 def config_from_checkpoint(path: str | Path) -> TrainConfig:

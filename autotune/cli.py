@@ -1,9 +1,16 @@
-"""``arwgan-autotune``: parse flags, run the tuner, print tables, write tuned.json."""
+"""``arwgan-autotune``: parse flags, run the tuner, print tables, write tuned.json.
+
+Under ``torchrun --nproc-per-node N --no-python arwgan-autotune ...`` every process
+measures its own device and the ranks agree on one configuration (see
+:mod:`autotune.tuner`); rank 0 prints the tables and writes the one tuned file.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +27,7 @@ DEFAULT_OUT = Path("runs/tuned.json")
 
 @app.command()
 def autotune(
-    target_mem: Annotated[Optional[str], typer.Option(help="Memory target: 20GB, 20GiB, 20000MB or 80% (of the device). [default: 90% of the GPU; half the available RAM on CPU]")] = None,
+    target_mem: Annotated[Optional[str], typer.Option(help="Memory target: 20GB, 20GiB, 20000MB or 80% (of the device). (default: 90% of the GPU; half the available RAM on CPU)")] = None,
     objective: Annotated[str, typer.Option(help="throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = "throughput",
     lr_rule: Annotated[str, typer.Option(help="How the learning rate follows the batch: linear | sqrt | none.")] = "linear",
     precision: Annotated[Optional[str], typer.Option(help="Force fp32 | bf16 | fp16 instead of measuring them.")] = None,
@@ -38,7 +45,7 @@ def autotune(
     max_batch: Annotated[int, typer.Option(help="Never try a larger batch.")] = 4096,
     max_trials: Annotated[int, typer.Option(help="Cap on batch-search trials.")] = 16,
     trial_budget: Annotated[float, typer.Option(help="Seconds; a slower trial stops the batch growth.")] = 60.0,
-    max_workers: Annotated[Optional[int], typer.Option(help="Cap on DataLoader workers tried. [default: usable cores, plus one oversubscribed count]")] = None,
+    max_workers: Annotated[Optional[int], typer.Option(help="Cap on DataLoader workers tried. (default: usable cores, plus one oversubscribed count)")] = None,
     compare_steps: Annotated[int, typer.Option(help="Train steps per round when comparing seed default and recommendation.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of every RNG.")] = 0,
     show: Annotated[Optional[Path], typer.Option(help="Measure nothing: print the tables of an existing tuned file.")] = None,
@@ -57,6 +64,8 @@ def autotune(
         console.print(machine_table(shown.machine))
         print_report(console, shown)
         return
+    from arwgan.distributed import cleanup, init_distributed, rank_prefix
+
     try:
         defaults = ModelConfig()
         model = ModelConfig(
@@ -88,20 +97,31 @@ def autotune(
         )
         if precision is not None and precision not in ("fp32", "bf16", "fp16"):
             raise UserError(f"unknown precision {precision!r}; choose one of fp32, bf16, fp16")
-        with console.status("probing") as status:
-            tuner = Tuner(cfg, report=lambda message: status.update(f"measuring: {message}"))
+        # Under torchrun: join the process group; this rank tunes cuda:LOCAL_RANK (or the CPU).
+        ctx = init_distributed(cfg.device)
+        if ctx.distributed:
+            cfg = replace(cfg, device=str(ctx.device))
+        main_rank = ctx.is_main
+        with _status(console, "probing", main_rank) as status:
+            tuner = Tuner(cfg, report=lambda message: status.update(f"measuring: {message}"), dist=ctx)
             machine = tuner.prepare()
-        console.print(machine_table(machine))
-        with console.status("measuring") as status:
+        if main_rank:
+            console.print(machine_table(machine))
+        with _status(console, "measuring", main_rank) as status:
             tuner.report = lambda message: status.update(f"measuring: {message}")
             result = tuner.run()
-        save_tuned(out, result.tuned)
-        if plot is not None:
-            plot_trials(result, plot)
+        if main_rank:
+            save_tuned(out, result.tuned)
+            if plot is not None:
+                plot_trials(result, plot)
     except UserError as exc:
-        raise fail(str(exc)) from None
-    except SearchError as exc:
+        raise fail(rank_prefix() + str(exc)) from None
+    except SearchError as exc:  # under torchrun, names the rank that could not fit the start batch
         raise fail(f"{exc}; lower --start-batch, the image size, or raise --target-mem", code=1) from None
+    finally:
+        cleanup()
+    if not main_rank:
+        return
     print_report(console, result)
     console.print(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; train with: arwgan-train --from-tuned {out}")
     if as_json:
@@ -110,4 +130,27 @@ def autotune(
         sys.stdout.write(json.dumps(asdict(result.tuned), indent=2) + "\n")
 
 
-main = entry_point(app)
+def _status(console, text: str, enabled: bool):
+    """A spinner on rank 0; elsewhere a stand-in that ignores its updates."""
+    if enabled:
+        return console.status(text)
+    return contextlib.nullcontext(_SilentStatus())
+
+
+class _SilentStatus:
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+_main = entry_point(app)
+
+
+def main() -> None:
+    """The installed ``arwgan-autotune`` (see ``arwgan.cli.main`` for ``record``)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(_main)()
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m autotune.cli ...
+    main()

@@ -76,6 +76,36 @@ def workers_table(result: TuneResult) -> Table:
     return table
 
 
+def ranks_table(result: TuneResult) -> Table | None:
+    """Every rank's own search under torchrun, and which one limited the batch; None for
+    a single-process run."""
+    m = result.tuned.measurements
+    ranks = m.get("ranks")
+    if not ranks or len(ranks) < 2:
+        return None
+    agreed = result.tuned.choice.batch_size
+    table = Table(
+        title=f"Ranks ({m['world_size']} processes train at the smallest own batch)",
+        title_justify="left",
+    )
+    for column in ("rank", "device", "memory", "target", "own batch", "peak memory", "images/s", "note"):
+        table.add_column(column, justify="left" if column in ("device", "note") else "right")
+    for r in ranks:
+        device = r["device"] + (f" ({r['gpu_name']})" if r.get("gpu_name") else "")
+        memory = format_bytes(r["gpu_total_bytes"]) if r.get("gpu_total_bytes") else "-"
+        note = "limiting" if r["rank"] == m.get("limiting_rank") else ""
+        table.add_row(
+            str(r["rank"]), device, memory, format_bytes(r["target_bytes"]),
+            str(r["chosen_batch"]), format_bytes(r["peak_bytes"]) if r.get("peak_bytes") else "-",
+            _fmt_rate(r.get("images_per_s")), note,
+        )
+    table.caption = (
+        f"batch {agreed} per process x {m['world_size']} = {m['global_batch']} global "
+        f"(rank {m.get('limiting_rank')} limiting); workers: rank 0's choice"
+    )
+    return table
+
+
 def recommendation_table(result: TuneResult) -> Table:
     c = result.tuned.choice
     comp = result.tuned.measurements["comparison"]
@@ -98,18 +128,26 @@ def recommendation_table(result: TuneResult) -> Table:
     seed_w = workers.get((SEED_LOADER.num_workers, SEED_LOADER.prefetch_factor))
     rec_w = workers.get((c.num_workers, c.prefetch_factor))
     worker_effect = f"{_fmt_rate(rec_w)} vs {_fmt_rate(seed_w)} images/s at the chosen batch" if seed_w and rec_w else ""
-    table.add_row("batch", str(SEED_LOADER.batch_size), str(c.batch_size), batch_effect)
+    batch_text = str(c.batch_size)
+    if c.world_size > 1:
+        limiting = result.tuned.measurements.get("limiting_rank")
+        batch_text += f" per process x {c.world_size}"
+        limited = f"rank {limiting} limited it" if limiting is not None else ""
+        batch_effect = "; ".join(filter(None, [batch_effect, limited]))
+    table.add_row("batch", str(SEED_LOADER.batch_size), batch_text, batch_effect)
     table.add_row("precision", SEED_PRECISION, c.precision, prec_effect)
     table.add_row("workers", str(SEED_LOADER.num_workers), str(c.num_workers), worker_effect)
     table.add_row("pin_memory", str(SEED_LOADER.pin_memory), str(c.pin_memory), "")
     table.add_row("persistent_workers", str(SEED_LOADER.persistent_workers), str(c.persistent_workers), "")
     table.add_row("prefetch_factor", str(SEED_LOADER.prefetch_factor), str(c.prefetch_factor or "-"), "")
-    table.add_row("lr G / D", f"{REFERENCE_LR:g}", f"{c.lr_g:.3g} / {c.lr_d:.3g}", f"{c.lr_rule} rule, {c.warmup_steps} warm-up steps")
+    global_text = f" for global batch {c.batch_size * c.world_size}" if c.world_size > 1 else ""
+    table.add_row("lr G / D", f"{REFERENCE_LR:g}", f"{c.lr_g:.3g} / {c.lr_d:.3g}", f"{c.lr_rule} rule{global_text}, {c.warmup_steps} warm-up steps")
     table.add_row(
         "[bold]training images/s[/]",
         _fmt_rate(comp["seed_default_images_per_s"]),
         _fmt_rate(comp["recommended_images_per_s"]),
-        f"[bold]{comp['speedup']:.2f}x[/] (end to end, median of {len(comp['rounds']['recommended'])} alternated rounds)",
+        f"[bold]{comp['speedup']:.2f}x[/] (end to end, median of {len(comp['rounds']['recommended'])} alternated rounds"
+        + (f"; {comp['scope']}" if comp.get("scope") else "") + ")",
     )
     return table
 
@@ -117,6 +155,9 @@ def recommendation_table(result: TuneResult) -> Table:
 def print_report(console, result: TuneResult) -> None:
     console.print(precision_table(result))
     console.print(trials_table(result))
+    ranks = ranks_table(result)
+    if ranks is not None:
+        console.print(ranks)
     console.print(workers_table(result))
     console.print(recommendation_table(result))
     for warning in result.warnings:

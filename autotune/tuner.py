@@ -10,23 +10,43 @@ to a pure decision function (``autotune.search``, ``autotune.decisions``):
 5. learning rates: ``scale_lr`` for G and D from 1e-3 at batch 16;
 6. the seed default (batch 16, 4 workers, fp32, no pinning) and the recommendation,
    trained end to end on the same data, alternated, in this run.
+
+Under ``torchrun`` (a :class:`arwgan.distributed.DistContext` in a process group)
+every rank measures its own device, and the ranks agree, since one DDP job trains with
+one configuration:
+
+- precision: per-rank measurements are combined (usable only where every rank ran it
+  with finite losses, speed of the slowest rank, peak of the largest) and chosen once;
+- batch: each rank searches against its own memory; the job takes the minimum over
+  ranks (all_reduce MIN), so mixed GPUs are handled by the smallest, and the record
+  names the rank that limited it. A rank that never tried the agreed batch verifies it
+  with one more trial;
+- workers: each rank measures its own loader (the ranks of a node share its cores, so
+  candidates stop at cores / processes per node); rank 0's choice is broadcast;
+- learning rates are scaled for the global batch (per-rank batch x world size);
+- the comparison runs on every rank at once, without DDP's communication; the slowest
+  rank's figures are reported (every DDP step waits for it).
+
+Every rank's figures go to ``measurements['ranks']``; only rank 0 prints and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 
 import torch
 
 from arwgan.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
+from arwgan.distributed import DistContext, local_main_first, single_process
 from arwgan.errors import ConfigError
 from arwgan.step import GANStep, check_precision, resolve_device
 from autotune.decisions import (
@@ -117,6 +137,47 @@ class TuneResult:
 Report = Callable[[str], None]
 
 
+class RankSearchError(SearchError):
+    """The start batch does not fit on one rank of a torchrun job: every rank raises
+    this, naming that rank, so the whole job stops with the same message."""
+
+    def __init__(self, rank: int, outcome) -> None:
+        super().__init__(outcome)
+        self.rank = rank
+        self.args = (f"rank {rank}: {self.args[0]}",)
+
+
+def combine_rank_precisions(
+    per_rank: list[list[PrecisionMeasurement]],
+) -> list[PrecisionMeasurement]:
+    """One measurement per precision for a whole job, from every rank's (rank 0 first).
+
+    A precision is usable only when every rank ran it with finite losses; its speed is
+    the slowest rank's (each DDP step waits for it) and its peak the largest. Precisions
+    rank 0 did not measure are left out: rank 0 could not train in them.
+    """
+    combined = []
+    for first in per_rank[0]:
+        name = first.precision
+        found = [next((m for m in rank if m.precision == name), None) for rank in per_rank]
+        missing = [rank for rank, m in enumerate(found) if m is None]
+        if missing:
+            combined.append(PrecisionMeasurement(
+                name, None, None, False, f"not measured on rank(s) {', '.join(map(str, missing))}"
+            ))
+            continue
+        speeds = [m.images_per_s for m in found]
+        peaks = [m.peak_bytes for m in found]
+        combined.append(PrecisionMeasurement(
+            precision=name,
+            images_per_s=None if None in speeds else min(speeds),
+            peak_bytes=None if None in peaks else max(peaks),
+            finite=all(m.finite for m in found),
+            error="; ".join(f"rank {rank}: {m.error}" for rank, m in enumerate(found) if m.error),
+        ))
+    return combined
+
+
 def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
     """0, 1, 2, 4, ... up to the usable cores, plus one oversubscribed count (2x cores, at
     least the seed's 4), because whether oversubscription pays is measured, not assumed."""
@@ -135,11 +196,20 @@ def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
 
 
 class Tuner:
-    def __init__(self, cfg: TuneConfig, probes: Probes | None = None, report: Report | None = None):
+    def __init__(
+        self,
+        cfg: TuneConfig,
+        probes: Probes | None = None,
+        report: Report | None = None,
+        dist: DistContext | None = None,
+    ):
+        """``dist``: this process's place in a torchrun job (its device is ``cfg.device``);
+        None tunes this process alone."""
         self.cfg = cfg
         self.probes = probes or real_probes()
         self.report = report or (lambda message: None)
         self.device = resolve_device(cfg.device)
+        self.dist = dist if dist is not None else single_process(self.device)
         self.warnings: list[str] = []
         self.context_bytes = 0
         self._datasets = None
@@ -184,7 +254,8 @@ class Tuner:
             used = 0
             default = None
         if self.cfg.target_mem is None and default is None:
-            return self.host.ram_available_bytes // 2
+            # The processes of one node share its RAM: each gets its part of the half.
+            return self.host.ram_available_bytes // (2 * self.dist.local_world_size)
         return parse_target_mem(self.cfg.target_mem or default, total, used)
 
     # -- trials ---------------------------------------------------------------------------------
@@ -252,7 +323,12 @@ class Tuner:
             trial_time_budget_s=cfg.trial_budget_s,
             objective=cfg.objective,
         )
-        capped = self.device.type == "cuda" and not cfg.isolate
+        with self._memory_capped():
+            return search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg)
+
+    @contextlib.contextmanager
+    def _memory_capped(self):
+        capped = self.device.type == "cuda" and not self.cfg.isolate
         index = self.device.index or 0
         if capped:
             total = self.probes.cuda.mem_get_info(index)[1]
@@ -261,10 +337,23 @@ class Tuner:
             fraction = (self.target - self.context_bytes) / total
             self.probes.cuda.set_memory_fraction(max(0.01, min(1.0, fraction)), index)
         try:
-            return search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg)
+            yield
         finally:
             if capped:
                 self.probes.cuda.set_memory_fraction(1.0, index)
+
+    def verify_batch(self, batch: int, precision: str):
+        """One trial at ``batch`` as the search would classify it (``over_target`` when
+        its peak passes the limit): for a batch other ranks agreed on."""
+        limit = self.target - int(self.target * self.cfg.margin_fraction)
+        with self._memory_capped():
+            outcome = self.trial(batch, precision).to_outcome()
+        if outcome.ok and outcome.peak_bytes is not None and outcome.peak_bytes > limit:
+            outcome = replace(
+                outcome, ok=False, reason="over_target",
+                detail=f"peak {format_bytes(outcome.peak_bytes)} above {format_bytes(limit)}",
+            )
+        return outcome
 
     # -- phase 4: workers ----------------------------------------------------------------------
     def datasets(self):
@@ -289,7 +378,9 @@ class Tuner:
 
     def measure_workers(self, batch: int, precision: str, consumption: float | None) -> list[WorkerMeasurement]:
         cuda = self.device.type == "cuda"
-        candidates = worker_candidates(self.host.usable_cores, self.cfg.max_workers)
+        # The processes of one node share its cores.
+        cores = max(1, self.host.usable_cores // self.dist.local_world_size)
+        candidates = worker_candidates(cores, self.cfg.max_workers)
         steps = self.cfg.worker_steps
         gan = None if cuda else self._gan(precision, batch)
         results: list[WorkerMeasurement] = []
@@ -355,7 +446,8 @@ class Tuner:
         machine = self.probe()
         self.target = self.target_bytes()
         self.precision_candidates()
-        self.datasets()
+        with local_main_first(self.dist):  # the synthetic set: generated once per node
+            self.datasets()
         return machine
 
     def run(self) -> TuneResult:
@@ -366,22 +458,28 @@ class Tuner:
         self.report(f"memory target {format_bytes(self.target)}")
         memory_before = self._process_memory()
 
-        precisions = self.measure_precisions()
+        world = self.dist.world_size
+        own_precisions = self.measure_precisions()
+        precisions = own_precisions
+        if self.dist.distributed:
+            precisions = combine_rank_precisions(self.dist.all_gather_object(own_precisions))
         try:
             chosen_precision = choose_precision(precisions).precision
         except ValueError as exc:
             raise SearchError_from(precisions, exc) from None
-        result = self.search(chosen_precision)
+        result = self.search_agreed(chosen_precision)
         batch = result.chosen
         memory_after = self._process_memory()
 
-        chosen_trial = next(t for t in result.trials if t.batch == batch)
+        chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
         consumption = chosen_trial.images_per_s if self.device.type == "cuda" else None
         workers = self.measure_workers(batch, chosen_precision, consumption)
-        best = choose_workers(workers, consumption)
+        own_best = choose_workers(workers, consumption)
+        best = self.dist.broadcast_object(own_best)
 
-        factor = batch / REFERENCE_BATCH
-        lr = self.lr(batch)
+        global_batch = batch * world
+        factor = global_batch / REFERENCE_BATCH
+        lr = self.lr(global_batch)
         warn = lr_warning(lr / REFERENCE_LR)
         if warn:
             self.warnings.append(warn)
@@ -397,6 +495,7 @@ class Tuner:
             warmup_steps=warmup_steps_for(cfg.lr_rule, factor),
             lr_rule=cfg.lr_rule,
             objective=cfg.objective,
+            world_size=world,
         )
         recommended = TrainConfig(
             model=cfg.model,
@@ -404,7 +503,10 @@ class Tuner:
                                 choice.prefetch_factor),
             precision=chosen_precision,
         )
-        comparison = self.compare(recommended)
+        own_comparison = self.compare(recommended)
+        comparison = own_comparison
+        if self.dist.distributed:
+            comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
         measurements = {
             "target_bytes": self.target,
             "context_bytes": self.context_bytes,
@@ -421,6 +523,27 @@ class Tuner:
             "warnings": self.warnings,
             "machine": machine,
         }
+        if self.dist.distributed:
+            own = {
+                "rank": self.dist.rank,
+                "device": str(self.device),
+                **self._device_identity(),
+                "target_bytes": self.target,
+                "chosen_batch": self.own_search.chosen,
+                "peak_bytes": self._own_chosen.peak_bytes,
+                "images_per_s": self._own_chosen.images_per_s,
+                "precision": [asdict(p) for p in own_precisions],
+                "workers": own_best.workers,
+                "prefetch_factor": own_best.prefetch_factor,
+                "comparison": own_comparison,
+            }
+            ranks = self.dist.all_gather_object(own)
+            measurements.update(
+                world_size=world,
+                global_batch=global_batch,
+                limiting_rank=self.limiting_rank,
+                ranks=ranks,
+            )
         tuned = TunedFile(
             schema_version=SCHEMA_VERSION,
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -432,6 +555,59 @@ class Tuner:
             tool_version=_tool_version(),
         )
         return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
+
+    def search_agreed(self, precision: str) -> SearchResult:
+        """:meth:`search` on this rank; under torchrun, then the batch all ranks agree on
+        (the minimum), with a verifying trial where this rank never ran it. Alone, the
+        search result unchanged."""
+        try:
+            result, failure = self.search(precision), None
+        except SearchError as exc:
+            if not self.dist.distributed:
+                raise
+            result, failure = None, exc.outcome
+        if not self.dist.distributed:
+            return result
+        failures = self.dist.all_gather_object(failure)
+        for rank, outcome in enumerate(failures):
+            if outcome is not None:
+                raise RankSearchError(rank, outcome)
+        self.own_search = result
+        self._own_chosen = next(t for t in result.trials if t.batch == result.chosen and t.ok)
+        agreed = self.dist.all_reduce_min(result.chosen)
+        chosen = self.dist.all_gather_object(result.chosen)
+        self.limiting_rank = chosen.index(agreed)
+        trials = list(result.trials)
+        if not any(t.batch == agreed and t.ok for t in trials):
+            self.report(f"verify: batch {agreed} (agreed over ranks)")
+            trials.append(self.verify_batch(agreed, precision))
+        verified = [t.ok for t in trials if t.batch == agreed]
+        if not self.dist.all_reduce_min(int(any(verified))):
+            raise ConfigError(
+                f"batch {agreed}, the smallest any rank could run, failed on another rank; "
+                "lower --target-mem or check the devices"
+            )
+        return replace(
+            result,
+            trials=trials,
+            chosen=agreed,
+            stop_reason=(
+                f"{result.stop_reason}; {self.dist.world_size} ranks agreed on batch "
+                f"{agreed} (rank {self.limiting_rank} limited it)"
+            ),
+        )
+
+    def _device_identity(self) -> dict:
+        """Name and memory of this rank's GPU (NVML, else torch), for the per-rank record."""
+        if self.gpu is not None:
+            return {"gpu_name": self.gpu.name, "gpu_total_bytes": self.gpu.total_bytes}
+        if self.device.type != "cuda":
+            return {"gpu_name": None, "gpu_total_bytes": None}
+        index = self.device.index or 0
+        return {
+            "gpu_name": self.probes.cuda.device_name(index),
+            "gpu_total_bytes": self.probes.cuda.mem_get_info(index)[1],
+        }
 
     def _process_memory(self) -> dict | None:
         if self.device.type != "cuda":
@@ -445,6 +621,20 @@ class Tuner:
             "torch_allocated_bytes": self.probes.cuda.allocated_bytes(index),
             "nvml_process_bytes": nvml,
         }
+
+
+def slowest_rank_comparison(per_rank: list[dict]) -> dict:
+    """Every rank's :meth:`Tuner.compare` as one: each configuration's slowest rank
+    (every DDP step waits for it); the rounds shown are rank 0's."""
+    seed = min(c["seed_default_images_per_s"] for c in per_rank)
+    rec = min(c["recommended_images_per_s"] for c in per_rank)
+    return {
+        "seed_default_images_per_s": seed,
+        "recommended_images_per_s": rec,
+        "speedup": rec / seed if seed > 0 else math.nan,
+        "rounds": per_rank[0]["rounds"],
+        "scope": f"per process, slowest of {len(per_rank)} ranks, without DDP communication",
+    }
 
 
 class _Wrapped(torch.utils.data.Dataset):

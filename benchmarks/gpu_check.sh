@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh            # writes $OUT (default runs/gpu_check)
 # Steps: GPU-marked tests; tune the official 128x128, 30-bit model at --target-mem 20GB
 # (memory before/after the search is recorded); seed default vs recommended images/s and
-# fp32/bf16/fp16 come from the tuner's own measurements; a JSON summary + table.
+# fp32/bf16/fp16 come from the tuner's own measurements; a 1-GPU torchrun smoke run;
+# a JSON summary + table.
 # Budget: under 8 minutes on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +30,10 @@ timeout 330 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tu
     --plot "$OUT/trials.png" --compare-steps 20 > "$OUT/tune.json" 2> "$OUT/tune.txt"
 echo "autotune exit $?"; tail -45 "$OUT/tune.txt"
 
-if [ -n "${WITH_TORCHRUN:-}" ]; then
-  step "1-GPU torchrun smoke run"
-  timeout 90 "$PY" -m torch.distributed.run --nproc-per-node 1 -m arwgan.cli --epochs 1 \
-      --steps-per-epoch 10 --device cuda --out "$OUT/ddp" > "$OUT/torchrun.txt" 2>&1
-  echo "torchrun exit $?" | tee -a "$OUT/torchrun.txt"
-fi
+step "1-GPU torchrun smoke run (DDP over NCCL, one process)"
+timeout 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m arwgan.cli --epochs 1 \
+    --steps-per-epoch 10 --val-images 64 --device cuda --out "$OUT/ddp" > "$OUT/torchrun.txt" 2>&1
+echo "torchrun exit $?" | tee -a "$OUT/torchrun.txt"; tail -3 "$OUT/torchrun.txt"
 
 step "summary"
 "$PY" benchmarks/gpu_summary.py "$OUT" | tee "$OUT/summary.md"

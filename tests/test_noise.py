@@ -11,6 +11,8 @@ import torch
 from arwgan.config import OFFICIAL_NOISE
 from arwgan.errors import ConfigError
 from arwgan.noise import (
+    Brightness,
+    Contrast,
     Crop,
     Cropout,
     Dropout,
@@ -20,9 +22,11 @@ from arwgan.noise import (
     JpegDiff,
     JpegMask,
     JpegReal,
+    Median,
     NoiseSpec,
     Noiser,
     Resize,
+    SaltPepper,
     build_layer,
     build_noise_layers,
     differentiable_round,
@@ -46,6 +50,14 @@ ALL_LAYERS = {
     "blur7": "gaussian(7,1.5)",
     "noise": "gaussian_noise(0.05)",
     "noise_range": "gaussian_noise(0.01,0.1)",
+    "salt_pepper": "salt_pepper(0.05)",
+    "salt_pepper_range": "salt_pepper(0.01,0.1)",
+    "median3": "median(3)",
+    "median5": "median(5)",
+    "brightness": "brightness(1.3)",
+    "brightness_range": "brightness(0.7,0.9)",
+    "contrast": "contrast(0.7)",
+    "contrast_range": "contrast(1.1,1.5)",
 }
 
 
@@ -216,6 +228,67 @@ def test_gaussian_noise_has_requested_std():
     assert torch.equal(GaussianNoise((0, 0))(zeros, zeros), zeros)
 
 
+# --- salt and pepper, median, brightness, contrast ---------------------------------------
+
+
+def test_salt_pepper_sets_fraction_to_black_or_white_shared_over_channels():
+    image = torch.zeros(4, 3, 64, 64)
+    noised = SaltPepper((0.2, 0.2))(image, image)
+    assert set(noised.unique().tolist()) == {-1.0, 0.0, 1.0}
+    assert torch.equal(noised, noised[:, :1].expand_as(noised))
+    hit = noised[:, 0] != 0
+    assert abs(float(hit.float().mean()) - 0.2) < 0.02  # 16k Bernoulli draws: std 0.003
+    white = float((noised[:, 0] == 1).sum()) / float(hit.sum())
+    assert abs(white - 0.5) < 0.05
+    assert torch.equal(SaltPepper((0, 0))(image, image), image)
+
+
+def test_median_removes_isolated_pixels_and_keeps_edges():
+    image = torch.zeros(1, 3, 16, 16)
+    image[:, :, :, 8:] = 1.0  # a vertical edge
+    speckled = image.clone()
+    speckled[0, :, 3, 3] = 1.0  # isolated white pixel in the black half
+    speckled[0, :, 12, 12] = -1.0  # isolated black pixel in the white half
+    filtered = Median(3)(speckled, speckled)
+    assert torch.equal(filtered, image)
+    assert torch.equal(Median(1)(speckled, speckled), speckled)
+
+
+def test_median_matches_a_direct_loop_and_keeps_size_on_tiny_images():
+    image = torch.rand(1, 2, 6, 7) * 2 - 1
+    filtered = Median(3)(image, image)
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), mode="reflect")
+    for row in range(6):
+        for col in range(7):
+            window = padded[0, :, row : row + 3, col : col + 3].reshape(2, 9)
+            assert torch.equal(filtered[0, :, row, col], window.median(dim=1).values)
+    tiny = torch.rand(1, 3, 2, 3)
+    assert Median(5)(tiny, tiny).shape == tiny.shape
+
+
+def test_brightness_scales_on_the_unit_scale_and_clamps():
+    image = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    darker = Brightness((0.5, 0.5))(image, image)[0, 0, 0]
+    # [0, 0.25, 0.5, 0.75, 1] * 0.5 on [0, 1], back to [-1, 1].
+    assert torch.allclose(darker, torch.tensor([-1.0, -0.75, -0.5, -0.25, 0.0]))
+    brighter = Brightness((1.5, 1.5))(image, image)[0, 0, 0]
+    assert torch.allclose(brighter, torch.tensor([-1.0, -0.25, 0.5, 1.0, 1.0]))
+    assert torch.allclose(Brightness((1, 1))(image, image), image)
+
+
+def test_contrast_scales_around_each_images_mean_and_clamps():
+    low = torch.linspace(-0.6, 0.2, 12).view(1, 3, 2, 2)
+    high = torch.linspace(-0.2, 0.9, 12).view(1, 3, 2, 2)
+    images = torch.cat([low, high])
+    flat = Contrast((0.5, 0.5))(images, images)
+    means = images.mean(dim=(1, 2, 3), keepdim=True)
+    assert torch.allclose(flat, means + 0.5 * (images - means))
+    assert torch.allclose(flat.mean(dim=(1, 2, 3)), means.flatten())  # each keeps its own mean
+    steep = Contrast((3, 3))(images, images)
+    assert steep.min() == -1 and steep.max() == 1
+    assert torch.allclose(Contrast((1, 1))(images, images), images)
+
+
 # --- JPEG ------------------------------------------------------------------------------
 
 
@@ -344,6 +417,13 @@ def test_parser_accepts_hidden_spec_with_whitespace():
         "resize(1.5,2)",
         "dropout(1,1)",
         "gaussian_noise(1e-05)",
+        "salt_pepper(0.05)",
+        "salt_pepper(0,1)",
+        "median(5)",
+        "brightness(0.7)",
+        "brightness(0.5,1.5)",
+        "contrast(1.3)",
+        "contrast(0.5,2)",
     ],
 )
 def test_parser_round_trips_other_layers(text):
@@ -366,7 +446,7 @@ def test_numbers_keep_their_type():
 @pytest.mark.parametrize(
     ("spec", "offending"),
     [
-        ("blur(3)", "'blur(3)': unknown layer 'blur' (known: crop, cropout, dropout"),
+        ("blur(3)", "'blur(3)': unknown layer 'blur' (known: brightness, contrast, crop, cropout"),
         ("crop((0.1,0.2),(0.1,0.2)", "'crop((0.1,0.2),(0.1,0.2)': unbalanced parentheses"),
         ("jpeg())", "'jpeg())': unbalanced parentheses"),
         ("jpeg()+dropout(0.5,0.6))", "'dropout(0.5,0.6))': unbalanced parentheses"),
@@ -400,6 +480,20 @@ def test_numbers_keep_their_type():
         ("crop(((0.1,0.2)),(0.1,0.2))", "expected a number, got '('"),
         ("resize(1e999,1e999)", "number '1e999' at column 8 is too large"),
         ("identity(1)", "'identity(1)': identity takes 0 argument(s), got 1"),
+        ("salt_pepper()", "'salt_pepper()': salt_pepper takes 1 or 2 argument(s), got 0"),
+        ("salt_pepper(1.5)", "'salt_pepper(1.5)': fraction must be in [0, 1], got 1.5"),
+        ("salt_pepper(-0.1)", "fraction must be in [0, 1], got -0.1"),
+        ("salt_pepper(0.2,0.1)", "fraction range min 0.2 > max 0.1"),
+        ("salt_pepper((0.1,0.2))", "argument 1 must be a number, got a pair (0.1,0.2)"),
+        ("median(4)", "'median(4)': kernel size must be odd and >= 1, got 4"),
+        ("median(0)", "kernel size must be odd and >= 1, got 0"),
+        ("median(3.0)", "'median(3.0)': kernel size must be an integer, got 3.0"),
+        ("median(3,3)", "'median(3,3)': median takes 1 argument(s), got 2"),
+        ("brightness(0)", "'brightness(0)': factor must be > 0, got 0"),
+        ("brightness(-1.5)", "factor must be > 0, got -1.5"),
+        ("brightness(1.5,0.5)", "factor range min 1.5 > max 0.5"),
+        ("contrast(0)", "'contrast(0)': factor must be > 0, got 0"),
+        ("contrast(1,2,3)", "'contrast(1,2,3)': contrast takes 1 or 2 argument(s), got 3"),
     ],
 )
 def test_parser_rejects_malformed_spec_naming_the_part(spec, offending):
@@ -420,6 +514,12 @@ def test_build_layer_validates_hand_made_spec():
     assert isinstance(build_layer(NoiseSpec("jpegreal", (75,))), JpegReal)
     assert isinstance(build_layer(NoiseSpec("cropout", ((0.5, 0.5), (0.5, 0.5)))), Cropout)
     assert isinstance(build_layer(NoiseSpec("gaussian_noise", (0.1,))), GaussianNoise)
+    assert isinstance(build_layer(NoiseSpec("salt_pepper", (0.1,))), SaltPepper)
+    assert isinstance(build_layer(NoiseSpec("median", (3,))), Median)
+    assert isinstance(build_layer(NoiseSpec("brightness", (0.5, 1.5))), Brightness)
+    assert isinstance(build_layer(NoiseSpec("contrast", (0.8,))), Contrast)
+    with pytest.raises(ConfigError, match=r"bad noise layer 'median\(2\)'"):
+        build_layer(NoiseSpec("median", (2,)))
 
 
 # --- Noiser ----------------------------------------------------------------------------
@@ -540,7 +640,11 @@ def test_noiser_rejects_bad_spec_and_seed():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize(
-    "text", ["resize(0.8,0.8)", "jpeg()", "jpeg(50)", "jpegreal(75)", "gaussian(5,2.0)"]
+    "text",
+    [
+        "resize(0.8,0.8)", "jpeg()", "jpeg(50)", "jpegreal(75)", "gaussian(5,2.0)",
+        "median(3)", "brightness(1.3)", "contrast(0.7)",
+    ],
 )
 def test_deterministic_layers_match_cpu_on_cuda_and_keep_dtype_under_autocast(text):
     image = smooth_image(2, 24, 40) + 0.05 * torch.rand(2, 3, 24, 40)

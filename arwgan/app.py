@@ -1,0 +1,192 @@
+"""``arwgan``: one command group for training and using a model.
+
+``arwgan train`` is ``arwgan-train`` under another name; ``embed``, ``extract`` and
+``eval`` use what was trained. Each command parses, calls the library
+(:mod:`arwgan.inference`, :mod:`arwgan.robustness`) and prints: results on stdout,
+messages and tables on stderr. Every user mistake is one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from arwgan.cli import DEFAULT_TUNED, train
+from arwgan.console import EXIT_USAGE, console, entry_point, fail
+from arwgan.errors import DataError, UserError
+
+group = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="ARWGAN image watermarking: train a model, embed and extract messages, "
+    "measure robustness.",
+)
+group.command("train")(train)
+
+
+@group.callback(invoke_without_command=True)
+def _show_help_without_a_command(ctx: typer.Context) -> None:
+    # Not no_args_is_help: its error prints the help as it is built, and run_typer
+    # prints it once more.
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help(), nl=False)  # typer's rich help prints itself, returns ''
+        raise typer.Exit(EXIT_USAGE)
+
+
+Checkpoint = Annotated[
+    Path, typer.Option("--checkpoint", "-c", help="Training checkpoint (runs/train/last.pt).")
+]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+
+
+def _error(exc: UserError) -> typer.Exit:
+    # Escaped: a file name such as '[draft].png' must not be read as rich markup.
+    return fail(escape(str(exc)))
+
+
+def _skip(exc: DataError) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(exc))}; skipped", soft_wrap=True)
+
+
+@group.command()
+def embed(
+    source: Annotated[Path, typer.Argument(metavar="IN", help="Image file, or folder (recursed).")],
+    target: Annotated[Path, typer.Argument(metavar="OUT", help="Output file (its suffix picks the format), or folder (mirrors IN).")],
+    checkpoint: Checkpoint,
+    message: Annotated[str, typer.Option("--message", "-m", help="Exactly L digits 0/1, or short text (L // 8 UTF-8 bytes).")],
+    quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG / WebP quality.")] = 95,
+    device: Device = "auto",
+) -> None:
+    """Hide a message in images of any size (tiled; output keeps size, mode and format)."""
+    from arwgan.inference import decode_message, embed_file, format_bits, load_watermarker, plan_embedding
+
+    try:
+        pairs = plan_embedding(source, target)
+        marker = load_watermarker(checkpoint, device)
+        bits = marker.message(message)
+    except UserError as exc:
+        raise _error(exc) from None
+    text = decode_message(bits)
+    described = f"message {format_bits(bits)}"
+    if text:
+        described += f" (text {json.dumps(text, ensure_ascii=False)})"
+    batch = source.is_dir()
+    written = skipped = 0
+    for image_in, image_out in pairs:
+        try:
+            result = embed_file(marker, image_in, image_out, bits, quality)
+        except DataError as exc:
+            if not batch:
+                raise _error(exc) from None
+            _skip(exc)
+            skipped += 1
+            continue
+        except UserError as exc:
+            raise _error(exc) from None
+        written += 1
+        if not batch:
+            console.print(
+                f"wrote {result.target}: {result.width}x{result.height}, {described}, "
+                f"PSNR {result.psnr_db:.2f} dB", soft_wrap=True, markup=False,
+            )
+    if batch:
+        console.print(
+            f"watermarked {written} image(s) into {target}, {described}", soft_wrap=True,
+            markup=False,
+        )
+    if skipped:
+        raise fail(f"{skipped} of {len(pairs)} image(s) could not be read")
+
+
+@group.command()
+def extract(
+    image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file, or folder (recursed).")],
+    checkpoint: Checkpoint,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")] = False,
+    device: Device = "auto",
+) -> None:
+    """Print the decoded bits and a confidence per bit (0..1), one line per image."""
+    from arwgan.inference import extract_file, format_bits, input_images, load_watermarker
+
+    try:
+        files = input_images(image)
+        marker = load_watermarker(checkpoint, device)
+    except UserError as exc:
+        raise _error(exc) from None
+    batch = image.is_dir()
+    skipped = 0
+    for path in files:
+        try:
+            result = extract_file(marker, path)
+        except DataError as exc:
+            if not batch:
+                raise _error(exc) from None
+            _skip(exc)
+            skipped += 1
+            continue
+        if as_json:
+            typer.echo(json.dumps(result.as_dict(), ensure_ascii=False))
+        else:
+            confidence = " ".join(f"{c:.2f}" for c in result.confidence.tolist())
+            line = f"{path}  {format_bits(result.bits)}  confidence {confidence}"
+            text = result.text
+            typer.echo(line + (f"  text {json.dumps(text, ensure_ascii=False)}" if text else ""))
+    if skipped:
+        raise fail(f"{skipped} of {len(files)} image(s) could not be read")
+
+
+@group.command("eval")
+def evaluate_command(
+    checkpoint: Checkpoint,
+    data_dir: Annotated[Path, typer.Option(help="Images: the val split of a COCO/HiDDeN folder, or every image of a flat one.")],
+    out: Annotated[Path, typer.Option(help="Folder for robustness.csv and robustness.png.")] = Path("runs/eval"),
+    max_images: Annotated[int, typer.Option(min=1, help="Evaluate on the first N images.")] = 1000,
+    batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
+    device: Device = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (fp16 needs CUDA).")] = "fp32",
+    seed: Annotated[int, typer.Option(help="Seed of the messages and the attacks' randomness.")] = 0,
+) -> None:
+    """PSNR, SSIM and bit accuracy with no attack and under a sweep of real attacks."""
+    from arwgan.inference import load_watermarker
+    from arwgan.robustness import (
+        CHART_NAME, CSV_NAME, STANDARD_ATTACKS, evaluate_robustness, evaluation_images,
+        evaluation_loader, robustness_table, write_chart, write_csv,
+    )
+
+    try:
+        marker = load_watermarker(checkpoint, device, precision)
+        files, description = evaluation_images(data_dir)
+        files = files[:max_images]
+        try:  # before the sweep, which may take long, not after it
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
+        console.print(
+            f"evaluating on {len(files)} of the {description}, {len(STANDARD_ATTACKS)} attacks, "
+            f"{marker.device} ({marker.precision})", soft_wrap=True, markup=False,
+        )
+        loader = evaluation_loader(files, marker.model_cfg, batch, workers, seed)
+        rows = evaluate_robustness(
+            marker.nets, loader, marker.device, marker.precision, STANDARD_ATTACKS,
+            max_images=len(files), seed=seed,
+        )
+        console.print(robustness_table(rows, len(files)))
+        write_csv(rows, out / CSV_NAME)
+        written = [out / CSV_NAME]
+        try:
+            write_chart(rows, out / CHART_NAME, len(files))
+            written.append(out / CHART_NAME)
+        except ImportError:
+            console.print("[yellow]warning:[/] matplotlib is not installed: no chart "
+                          "(pip install 'arwgan-autotune\\[plot]')", soft_wrap=True)
+    except UserError as exc:
+        raise _error(exc) from None
+    console.print("wrote " + ", ".join(map(str, written)), soft_wrap=True, markup=False)
+
+
+main = entry_point(group, optional_values={"--from-tuned": DEFAULT_TUNED})
