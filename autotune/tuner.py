@@ -98,9 +98,12 @@ class TuneConfig:
     warmup_steps: int = 2
     measure_steps: int = 3
     worker_steps: int = 8
-    """Batches (or train steps on CPU) timed per worker candidate."""
+    """At most this many batches (or train steps on CPU) timed per worker candidate."""
     compare_steps: int = 10
-    """Train steps per round when comparing seed default and recommendation."""
+    """At most this many train steps per round when comparing seed default and recommendation."""
+    measure_images: int = 512
+    """Image budget of one worker or comparison measurement: large batches take fewer
+    steps (never fewer than 3), so that every measurement costs about the same time."""
     compare_rounds: int = 2
     max_workers: int | None = None
     seed: int = 0
@@ -381,7 +384,7 @@ class Tuner:
         # The processes of one node share its cores.
         cores = max(1, self.host.usable_cores // self.dist.local_world_size)
         candidates = worker_candidates(cores, self.cfg.max_workers)
-        steps = self.cfg.worker_steps
+        steps = self.steps_for(batch, self.cfg.worker_steps)
         gan = None if cuda else self._gan(precision, batch)
         results: list[WorkerMeasurement] = []
 
@@ -408,6 +411,9 @@ class Tuner:
         gc.collect()
         return results
 
+    def steps_for(self, batch: int, max_steps: int) -> int:
+        return max(3, min(max_steps, math.ceil(self.cfg.measure_images / batch)))
+
     # -- phase 5: learning rate ----------------------------------------------------------------
     def lr(self, batch: int) -> float:
         return scale_lr(REFERENCE_LR, REFERENCE_BATCH, batch, self.cfg.lr_rule)
@@ -415,7 +421,7 @@ class Tuner:
     # -- phase 6: seed default vs recommendation -------------------------------------------------
     def compare(self, recommended: TrainConfig) -> dict:
         """Alternate the seed default and the recommendation, each trained end to end on
-        the same data for the same number of steps; the median of the rounds counts."""
+        the same data for about the same number of images; the median of the rounds counts."""
         configs = {
             "seed_default": (SEED_LOADER, SEED_PRECISION),
             "recommended": (recommended.loader, recommended.precision),
@@ -424,9 +430,10 @@ class Tuner:
         for round_index in range(self.cfg.compare_rounds):
             for name, (loader_cfg, precision) in configs.items():
                 self.report(f"compare: {name} (round {round_index + 1})")
+                steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
                 gan = self._gan(precision, loader_cfg.batch_size)
-                loader = self._loader(loader_cfg, self.cfg.compare_steps + 2)
-                speeds[name].append(training_images_per_s(gan, loader, self.cfg.compare_steps))
+                loader = self._loader(loader_cfg, steps + 2)
+                speeds[name].append(training_images_per_s(gan, loader, steps))
                 del gan, loader
                 gc.collect()
                 if self.device.type == "cuda":
@@ -466,7 +473,7 @@ class Tuner:
         try:
             chosen_precision = choose_precision(precisions).precision
         except ValueError as exc:
-            raise SearchError_from(precisions, exc) from None
+            raise ConfigError(f"no precision could run the model: {exc}") from None
         result = self.search_agreed(chosen_precision)
         batch = result.chosen
         memory_after = self._process_memory()
@@ -649,10 +656,6 @@ class _Wrapped(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         return self.dataset[(index % len(self.dataset), seed)]
-
-
-def SearchError_from(precisions, exc) -> ConfigError:
-    return ConfigError(f"no precision could run the model: {exc}")
 
 
 def _tool_version() -> str:
