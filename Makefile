@@ -19,8 +19,8 @@ install: $(STAMP)
 DEMO_MODEL := --image-size 32 --message-bits 8 --channels 16 --noise "jpeg()+dropout(0.5,0.6)"
 demo: $(STAMP)
 	$(VENV)/bin/arwgan-autotune $(DEMO_MODEL) --target-mem 3GB --max-batch 128 --max-trials 8 \
-		--trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
-	$(VENV)/bin/arwgan-train --from-tuned $(DEMO_OUT)/tuned.json --epochs 2 --steps-per-epoch 30 \
+		--lr-rule sqrt --trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
+	$(VENV)/bin/arwgan-train --from-tuned $(DEMO_OUT)/tuned.json --epochs 2 --steps-per-epoch 40 \
 		--val-images 128 --out $(DEMO_OUT)/train
 	$(VENV)/bin/arwgan-autotune --show $(DEMO_OUT)/tuned.json
 

@@ -21,9 +21,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def loader_images_per_s(loader, batches: int, skip: int = 2) -> float:
-    """Images/s over ``batches`` batches after the first ``skip`` (worker start-up and the
-    prefetch queue filling are paid once per run, not per step)."""
+def queue_depth(loader) -> int:
+    """Batches a DataLoader holds ready ahead of the consumer (workers x prefetch)."""
+    return loader.num_workers * (loader.prefetch_factor or 0)
+
+
+def loader_images_per_s(loader, batches: int, skip: int | None = None) -> float:
+    """Images/s over ``batches`` batches after the first ``skip``.
+
+    The skipped batches cover worker start-up and drain the prefetch queue that filled
+    meanwhile (by default: the queue's depth + 2); timing the queue's contents would
+    credit the workers with batches they made before the clock started.
+    """
+    if skip is None:
+        skip = queue_depth(loader) + 2
     iterator = iter(loader)
     try:
         for _ in range(skip):
@@ -38,8 +49,15 @@ def loader_images_per_s(loader, batches: int, skip: int = 2) -> float:
     return images / elapsed if elapsed > 0 else 0.0
 
 
-def training_images_per_s(gan, loader, steps: int, warmup: int = 2) -> float:
-    """Images/s of the train step fed by ``loader``, device synchronised around the clock."""
+def training_images_per_s(gan, loader, steps: int, warmup: int | None = None) -> float:
+    """Images/s of the train step fed by ``loader``, device synchronised around the clock.
+
+    Warm-up (default: 2 steps plus the loader's queue depth) lets the step settle and
+    drains the batches the workers prepared before the clock starts; otherwise a short
+    window would time the queue, not the workers, and favour many workers.
+    """
+    if warmup is None:
+        warmup = queue_depth(loader) + 2
     device = gan.device
     iterator = iter(loader)
     try:

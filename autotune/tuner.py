@@ -97,6 +97,10 @@ class TuneConfig:
     """CUDA: run each trial in a fresh subprocess (CPU trials always are)."""
     warmup_steps: int = 2
     measure_steps: int = 3
+    """At least this many timed steps per trial."""
+    trial_images: int = 256
+    """A trial times at least this many images: at small batches three steps last a
+    fraction of a second, too short a window to tell batches apart on a noisy machine."""
     worker_steps: int = 8
     """At most this many batches (or train steps on CPU) timed per worker candidate."""
     compare_steps: int = 10
@@ -269,7 +273,7 @@ class Tuner:
             device=str(self.device),
             batch=batch,
             warmup_steps=self.cfg.warmup_steps,
-            measure_steps=self.cfg.measure_steps,
+            measure_steps=max(self.cfg.measure_steps, math.ceil(self.cfg.trial_images / batch)),
             channels_last=self.cfg.channels_last,
             seed=self.cfg.seed,
             memory_limit_bytes=self.target if self.device.type == "cpu" else None,
@@ -392,7 +396,7 @@ class Tuner:
             loader_cfg = LoaderConfig(batch, workers, pin_memory=cuda, persistent_workers=workers > 0,
                                       prefetch_factor=prefetch)
             self.report(f"workers: {workers}, prefetch {prefetch}")
-            loader = self._loader(loader_cfg, steps + 2)
+            loader = self._loader(loader_cfg, steps + workers * (prefetch or 0) + 4)
             if cuda:
                 speed = loader_images_per_s(loader, steps)
             else:
@@ -432,7 +436,8 @@ class Tuner:
                 self.report(f"compare: {name} (round {round_index + 1})")
                 steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
                 gan = self._gan(precision, loader_cfg.batch_size)
-                loader = self._loader(loader_cfg, steps + 2)
+                depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
+                loader = self._loader(loader_cfg, steps + depth + 4)
                 speeds[name].append(training_images_per_s(gan, loader, steps))
                 del gan, loader
                 gc.collect()

@@ -59,7 +59,8 @@ def main() -> None:
 
     def measure(loader: LoaderConfig, precision: str) -> float:
         gan = bench._gan(precision, loader.batch_size)
-        return training_images_per_s(gan, bench._loader(loader, args.steps + 2), args.steps)
+        depth = loader.num_workers * (loader.prefetch_factor or 0)
+        return training_images_per_s(gan, bench._loader(loader, args.steps + depth + 4), args.steps)
 
     # (a) seed default vs tuned, alternated.
     tuned_loader = LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,

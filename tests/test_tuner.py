@@ -235,7 +235,7 @@ def test_objective_memory_lands_between_85_and_100_percent_of_a_small_target(tin
     cfg = TuneConfig(
         model=TuneConfig().model.__class__(image_size=32, message_bits=8, channels=16, noise=""),
         data_dir=str(tiny_data_dir), device="cpu", target_mem="1.6GB", objective="memory",
-        precision="fp32", start_batch=8, max_batch=4096, max_trials=12, measure_steps=1,
+        precision="fp32", start_batch=8, max_batch=4096, max_trials=12, measure_steps=1, trial_images=8,
         warmup_steps=1, trial_budget_s=60,
     )
     tuner = Tuner(cfg)
