@@ -34,6 +34,7 @@ from arwgan.inference import (
     read_image,
 )
 from arwgan.synthetic import synthetic_image
+from helpers import assert_one_error_line
 
 CPU = torch.device("cpu")
 
@@ -45,13 +46,6 @@ def photo(path: Path, width: int, height: int, index: int = 0, mode: str = "RGB"
     image.convert(mode).save(path, **save)
     return path
 
-
-def one_error_line(text: str, fragment: str) -> None:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    assert lines[0].startswith("error: "), text
-    assert fragment in lines[0], text
-    assert "Traceback" not in text
 
 
 def invoke(*args: str):
@@ -382,10 +376,10 @@ def test_bad_input_is_one_error_line_and_exit_2(
         result = CliRunner().invoke(group, argv)
         assert result.exit_code == EXIT_USAGE, (argv, result.output)
         assert result.stdout == ""
-        one_error_line(result.stderr, fragment)
+        assert_one_error_line(result.stderr, fragment)
         # The installed script's path (run_typer) says the same.
         assert run_typer(group, argv) == EXIT_USAGE
-        one_error_line(capsys.readouterr().err, fragment)
+        assert_one_error_line(capsys.readouterr().err, fragment)
     assert not (tmp_path / "out.png").exists()
 
 
@@ -409,7 +403,7 @@ def test_output_is_never_half_written(
     monkeypatch.setattr(Image.Image, "save", save_then_fail)
     result = invoke("embed", "-c", trained_checkpoint, "-m", "0101", source, target)
     assert result.exit_code == EXIT_USAGE
-    one_error_line(result.stderr, f"cannot write '{target}': No space left on device")
+    assert_one_error_line(result.stderr, f"cannot write '{target}': No space left on device")
     assert not target.exists()
     assert os.listdir(target.parent) == []  # no temporary file left behind either
 
@@ -441,7 +435,7 @@ def test_bare_from_tuned_is_expanded_for_the_group(
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code == EXIT_USAGE
-    one_error_line(capsys.readouterr().err, "tuned file 'runs/tuned.json' does not exist")
+    assert_one_error_line(capsys.readouterr().err, "tuned file 'runs/tuned.json' does not exist")
 
 
 def test_group_lists_its_commands() -> None:
@@ -464,4 +458,4 @@ def test_file_names_are_not_read_as_markup(trained_checkpoint: Path, tmp_path: P
     broken.write_bytes(b"not an image")
     result = invoke("extract", "-c", trained_checkpoint, broken)
     assert result.exit_code == EXIT_USAGE
-    one_error_line(result.stderr, "[draft] v1.png' is unreadable (not an image file)")
+    assert_one_error_line(result.stderr, "[draft] v1.png' is unreadable (not an image file)")

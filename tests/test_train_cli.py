@@ -22,6 +22,7 @@ from arwgan.config import TrainConfig
 from arwgan.console import EXIT_INTERRUPTED, EXIT_USAGE, run_typer
 from arwgan.errors import TrainingDiverged
 from arwgan.trainer import Interrupted
+from helpers import assert_one_error_line
 
 TINY = [
     "--epochs", "1", "--steps-per-epoch", "2", "--image-size", "16", "--message-bits", "4",
@@ -98,13 +99,6 @@ def no_training(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(arwgan.trainer, "fit", refuse)
 
 
-def _one_error_line(text: str, fragment: str) -> None:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    assert lines[0].startswith("error: "), text
-    assert fragment in lines[0], text
-    assert "Traceback" not in text
-
 
 def test_bad_value_with_run_typer(
     base_args: list[str], bad_case, capsys: pytest.CaptureFixture, tmp_path: Path
@@ -114,7 +108,7 @@ def test_bad_value_with_run_typer(
     run_typer(app, [*base_args, *flags])
     captured = capsys.readouterr()
     assert captured.out == ""
-    _one_error_line(captured.err, fragment)
+    assert_one_error_line(captured.err, fragment)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -160,7 +154,7 @@ def test_bad_value_with_cli_runner(base_args: list[str], bad_case) -> None:
         # Caught by click while parsing: its own usage block (run_typer makes it one line).
         assert "Usage:" in result.stderr and fragment in result.stderr
     else:
-        _one_error_line(result.stderr, fragment)
+        assert_one_error_line(result.stderr, fragment)
 
 
 def test_bad_values_fail_before_any_training(
@@ -172,7 +166,7 @@ def test_bad_values_fail_before_any_training(
         if flags[:2] in (["--precision", "fp16"], ["--device", "tpu"]):
             continue  # the device is resolved by the Trainer, inside fit
         run_typer(app, [*base_args, *flags])
-        _one_error_line(capsys.readouterr().err, fragment)
+        assert_one_error_line(capsys.readouterr().err, fragment)
 
 
 def test_help_lists_the_flags(capsys: pytest.CaptureFixture) -> None:
@@ -234,7 +228,7 @@ def test_divergence_exits_1_with_one_error_line(
     monkeypatch.setattr(arwgan.trainer, "fit", _raise_diverged)
     result = CliRunner().invoke(app, base_args)
     assert result.exit_code == 1
-    _one_error_line(result.stderr, "non-finite for 20 consecutive steps")
+    assert_one_error_line(result.stderr, "non-finite for 20 consecutive steps")
 
 
 # -- real runs ---------------------------------------------------------------------------
@@ -276,10 +270,10 @@ def test_resume_with_another_model_is_one_error_line(
     capsys.readouterr()
     args = ["--resume", str(out_dir / "last.pt"), "--epochs", "2", "--channels", "16"]
     run_typer(app, args)
-    _one_error_line(capsys.readouterr().err, "another model config")
+    assert_one_error_line(capsys.readouterr().err, "another model config")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_USAGE
-    _one_error_line(result.stderr, "another model config")
+    assert_one_error_line(result.stderr, "another model config")
 
 
 def test_resume_of_a_foreign_file_is_one_error_line(
@@ -292,10 +286,10 @@ def test_resume_of_a_foreign_file_is_one_error_line(
     for checkpoint, fragment in [(path, "is not an arwgan checkpoint"),
                                  (bad_config, "epochs must be a positive integer")]:
         run_typer(app, ["--resume", str(checkpoint)])
-        _one_error_line(capsys.readouterr().err, fragment)
+        assert_one_error_line(capsys.readouterr().err, fragment)
         result = CliRunner().invoke(app, ["--resume", str(checkpoint)])
         assert result.exit_code == EXIT_USAGE
-        _one_error_line(result.stderr, fragment)
+        assert_one_error_line(result.stderr, fragment)
 
 
 def test_bare_from_tuned_reads_the_default_file(
@@ -309,7 +303,7 @@ def test_bare_from_tuned_reads_the_default_file(
         assert "runs/tuned.json" in expanded and expanded[expanded.index("--device") + 1] == "cpu"
         result = CliRunner().invoke(app, expanded)
         assert result.exit_code == EXIT_USAGE
-        _one_error_line(result.stderr, "tuned file 'runs/tuned.json' does not exist")
+        assert_one_error_line(result.stderr, "tuned file 'runs/tuned.json' does not exist")
 
 
 def test_precision_is_checked_before_the_datasets_are_built(
@@ -323,4 +317,4 @@ def test_precision_is_checked_before_the_datasets_are_built(
         app, ["--precision", "fp16", "--device", "cpu", "--out", str(tmp_path / "run")]
     )
     assert result.exit_code == EXIT_USAGE
-    _one_error_line(result.stderr, "fp16 needs a CUDA device")
+    assert_one_error_line(result.stderr, "fp16 needs a CUDA device")

@@ -15,6 +15,7 @@ from autotune.cli import app as tune_app
 from autotune.probes import FakeHostProbe, HostInfo
 from autotune.tuned import load_tuned
 from autotune.tuner import TuneConfig, Tuner, worker_candidates
+from helpers import assert_one_error_line
 
 TINY_MODEL = ["--image-size", "16", "--message-bits", "4", "--channels", "8", "--noise", ""]
 FAST = [
@@ -22,13 +23,6 @@ FAST = [
     "--compare-steps", "2", "--trial-budget", "30",
 ]
 
-
-def _one_error_line(text: str, fragment: str) -> None:
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    assert lines[0].startswith("error: "), text
-    assert fragment in lines[0], text
-    assert "Traceback" not in text
 
 
 def test_worker_candidates_cover_cores_and_one_oversubscribed_count() -> None:
@@ -77,7 +71,7 @@ def test_default_cpu_target_is_half_the_available_ram(tiny_data_dir: Path) -> No
 def test_cli_errors_are_one_line_exit_2(flags: list[str], fragment: str) -> None:
     result = CliRunner().invoke(tune_app, ["--device", "cpu", *flags])
     assert result.exit_code == 2, result.output
-    _one_error_line(result.stderr, fragment)
+    assert_one_error_line(result.stderr, fragment)
 
 
 def test_cli_rejects_non_numeric_option_with_exit_2() -> None:
@@ -182,7 +176,7 @@ def test_model_shaping_flag_that_differs_is_refused(tuned_run, flags, fragment, 
         train_app, ["--from-tuned", str(tuned_path), "--device", "cpu", "--out", str(tmp_path), *flags]
     )
     assert result.exit_code == 2, result.output
-    _one_error_line(result.stderr, fragment)
+    assert_one_error_line(result.stderr, fragment)
 
 
 @pytest.mark.slow
@@ -217,7 +211,7 @@ def test_hand_edited_tuned_file_is_a_one_line_error(tuned_run, edit, fragment, t
     bad.write_text(json.dumps(data))
     result = CliRunner().invoke(train_app, ["--from-tuned", str(bad), "--device", "cpu"])
     assert result.exit_code == 2, result.output
-    _one_error_line(result.stderr, fragment)
+    assert_one_error_line(result.stderr, fragment)
 
 
 def test_corrupt_tuned_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -225,7 +219,7 @@ def test_corrupt_tuned_file_is_a_one_line_error(tmp_path: Path) -> None:
     bad.write_text("{ not json")
     result = CliRunner().invoke(train_app, ["--from-tuned", str(bad), "--device", "cpu"])
     assert result.exit_code == 2
-    _one_error_line(result.stderr, "tuned.json")
+    assert_one_error_line(result.stderr, "tuned.json")
 
 
 @pytest.mark.slow
