@@ -317,13 +317,16 @@ class Trainer:
                     self.nonfinite_streak = 0
                     for name, value in result.as_dict().items():
                         loss_sums[name] = loss_sums.get(name, 0) + value
-                if steps % cfg.log_every == 0 or self.epoch_step == total_steps:
-                    # .item() here is a sync point: only every log_every steps.
+                show = not progress.disable
+                if show and (steps % cfg.log_every == 0 or self.epoch_step == total_steps):
+                    # One device sync for the three figures, every log_every steps only.
                     elapsed = time.perf_counter() - start
                     good = max(steps - nonfinite, 1)
-                    g = float(loss_sums.get("g_loss", torch.zeros(())) / good)
-                    d = float(loss_sums.get("d_loss", torch.zeros(())) / good)
-                    acc = float(loss_sums.get("bit_accuracy", torch.zeros(())) / good)
+                    zero = torch.zeros((), device=device)
+                    g, d, acc = (
+                        torch.stack([torch.as_tensor(loss_sums.get(n, zero), device=device)
+                                     for n in ("g_loss", "d_loss", "bit_accuracy")]) / good
+                    ).tolist()
                     mem = peak_memory_bytes(device) / 2**30
                     progress.update(
                         task,

@@ -95,8 +95,6 @@ def autotune(
             compare_steps=compare_steps,
             seed=seed,
         )
-        if precision is not None and precision not in ("fp32", "bf16", "fp16"):
-            raise UserError(f"unknown precision {precision!r}; choose one of fp32, bf16, fp16")
         # Under torchrun: join the process group; this rank tunes cuda:LOCAL_RANK (or the CPU).
         ctx = init_distributed(cfg.device)
         if ctx.distributed:

@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from arwgan.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
+from arwgan.config import PRECISIONS, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
 from arwgan.distributed import DistContext, local_main_first, single_process
 from arwgan.errors import ConfigError
@@ -114,6 +114,10 @@ class TuneConfig:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
+            )
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be throughput or memory, got {self.objective!r}")
         scale_lr(REFERENCE_LR, REFERENCE_BATCH, REFERENCE_BATCH, self.lr_rule)  # validates
