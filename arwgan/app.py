@@ -13,15 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from arwgan.cli import DEFAULT_TUNED, train
-from arwgan.console import EXIT_USAGE, console, entry_point, fail
+from arwgan.console import EXIT_USAGE, console, entry_point, fail, say, warn
 from arwgan.errors import DataError, UserError
 
 group = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: never truncated at a narrow terminal, no markup read
     help="ARWGAN image watermarking: train a model, embed and extract messages, "
     "measure robustness.",
 )
@@ -45,11 +45,11 @@ Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
 
 def _error(exc: UserError) -> typer.Exit:
     # Escaped: a file name such as '[draft].png' must not be read as rich markup.
-    return fail(escape(str(exc)))
+    return fail(str(exc))
 
 
 def _skip(exc: DataError) -> None:
-    console.print(f"[yellow]warning:[/] {escape(str(exc))}; skipped", soft_wrap=True)
+    warn(f"{exc}; skipped")
 
 
 @group.command()
@@ -89,15 +89,12 @@ def embed(
             raise _error(exc) from None
         written += 1
         if not batch:
-            console.print(
+            say(
                 f"wrote {result.target}: {result.width}x{result.height}, {described}, "
-                f"PSNR {result.psnr_db:.2f} dB", soft_wrap=True, markup=False,
+                f"PSNR {result.psnr_db:.2f} dB"
             )
     if batch:
-        console.print(
-            f"watermarked {written} image(s) into {target}, {described}", soft_wrap=True,
-            markup=False,
-        )
+        say(f"watermarked {written} image(s) into {target}, {described}")
     if skipped:
         raise fail(f"{skipped} of {len(pairs)} image(s) could not be read")
 
@@ -166,9 +163,9 @@ def evaluate_command(
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
-        console.print(
+        say(
             f"evaluating on {len(files)} of the {description}, {len(STANDARD_ATTACKS)} attacks, "
-            f"{marker.device} ({marker.precision})", soft_wrap=True, markup=False,
+            f"{marker.device} ({marker.precision})"
         )
         loader = evaluation_loader(files, marker.model_cfg, batch, workers, seed)
         rows = evaluate_robustness(
@@ -182,11 +179,10 @@ def evaluate_command(
             write_chart(rows, out / CHART_NAME, len(files))
             written.append(out / CHART_NAME)
         except ImportError:
-            console.print("[yellow]warning:[/] matplotlib is not installed: no chart "
-                          "(pip install 'arwgan-autotune\\[plot]')", soft_wrap=True)
+            warn("matplotlib is not installed: no chart (pip install 'arwgan-autotune[plot]')")
     except UserError as exc:
         raise _error(exc) from None
-    console.print("wrote " + ", ".join(map(str, written)), soft_wrap=True, markup=False)
+    say("wrote " + ", ".join(map(str, written)))
 
 
 main = entry_point(group, optional_values={"--from-tuned": DEFAULT_TUNED})

@@ -13,10 +13,10 @@ from typing import Annotated, Optional
 import typer
 
 from arwgan.config import TrainConfig, parse_loss_weights, with_overrides
-from arwgan.console import EXIT_INTERRUPTED, console, entry_point, fail
+from arwgan.console import EXIT_INTERRUPTED, console, entry_point, fail, say, warn
 from arwgan.errors import TrainingDiverged, UserError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
 # Every option defaults to None ("not given"), so that a checkpoint (--resume) or a
 # tuned file (--from-tuned) supplies the value unless the user says otherwise.
@@ -116,10 +116,10 @@ def train(
         raise fail(rank_prefix() + str(exc), code=1) from None
     except Interrupted as exc:
         if is_main():
-            console.print(f"[yellow]{exc}[/]; resume with --resume {exc.checkpoint}")
+            say(f"{exc}; resume with --resume {exc.checkpoint}")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if is_main():
-        console.print(f"done: {result.epochs_done} epoch(s); checkpoint {result.out_dir / 'last.pt'}")
+        say(f"done: {result.epochs_done} epoch(s); checkpoint {result.out_dir / 'last.pt'}")
 
 
 def tuned_base(
@@ -157,9 +157,9 @@ def tuned_base(
     choice, message = rescale_for_world_size(tuned.choice, world_size)
     if is_main():
         for warning in warnings:
-            console.print(f"[yellow]warning:[/] {warning}")
+            warn(warning)
         if message:
-            console.print(message)
+            say(message)
     cfg = apply_tuned(replace(tuned, choice=choice), base)
     # The rates are now those of this world size's global batch; the rule stays with
     # the config so that a resume under yet another world size rescales them again.

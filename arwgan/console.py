@@ -1,4 +1,4 @@
-"""One rich Console for humans (stderr) and the one-line error convention of every CLI."""
+"""The one-line error convention of every CLI, on the one console of :mod:`autotune.console`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 import typer
-from rich.console import Console
 
-#: Progress, tables and messages go to stderr so that stdout stays clean for --json.
-console = Console(stderr=True, highlight=False)
+from autotune.console import console, error, note, say, warn
+
+__all__ = ["console", "error", "note", "say", "warn", "fail", "run_typer", "entry_point"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -17,7 +17,7 @@ EXIT_INTERRUPTED = 130
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
     """Print ``error: message`` as one line on stderr; return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    error(message)
     return typer.Exit(code)
 
 
@@ -37,23 +37,23 @@ def run_typer(app: typer.Typer, argv: Sequence[str] | None = None) -> int:
         if kind == "Exit":
             return int(getattr(exc, "exit_code", 0))
         if kind == "Abort":
-            console.print("[yellow]aborted[/]")
+            say("aborted")
             return EXIT_INTERRUPTED
         if kind == "NoArgsIsHelpError":
             ctx = getattr(exc, "ctx", None)
             # typer's get_help() prints the help itself (and returns ''); click's returns it.
             text = ctx.get_help() if ctx is not None else ""
             if text:
-                console.print(text)
+                console.print(text, markup=False, highlight=False)
             return EXIT_USAGE
         if hasattr(exc, "format_message") and getattr(exc, "exit_code", None) == EXIT_USAGE:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", soft_wrap=True)
+            error(f"{exc.format_message()}{hint}")
             return EXIT_USAGE
         raise
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
+        say("interrupted")
         return EXIT_INTERRUPTED
     return code if isinstance(code, int) else 0
 

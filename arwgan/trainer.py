@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from autotune.console import console as default_console, note, say, warn
 from arwgan.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from arwgan.config import LoaderConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
@@ -141,7 +142,7 @@ class Trainer:
         world = self.dist.world_size
         # Only rank 0 talks; the others keep a console that writes nowhere.
         if self.dist.is_main:
-            self.console = console or Console(stderr=True)
+            self.console = console or default_console
         else:
             self.console = Console(file=io.StringIO(), quiet=True)
         check_precision(cfg.precision, self.device)  # before any slow data preparation
@@ -303,10 +304,7 @@ class Trainer:
                 if result.skipped:
                     nonfinite += 1
                     self.nonfinite_streak += 1
-                    self.console.print(
-                        f"[yellow]warning:[/] non-finite loss at step {self.gan.step_count}; "
-                        "update skipped"
-                    )
+                    warn(f"non-finite loss at step {self.gan.step_count}; update skipped", to=self.console)
                     if self.nonfinite_streak >= cfg.max_nonfinite_steps:
                         path = self.save(self.epoch, self.epoch_step)
                         raise TrainingDiverged(
@@ -427,15 +425,14 @@ class Trainer:
         attacks = "  ".join(
             f"{k.removeprefix('bitacc_')} {v:.3f}" for k, v in val.items() if k.startswith("bitacc_")
         )
-        self.console.print(
+        say(
             f"epoch {self.epoch + 1}/{self.cfg.epochs}: {stats.images_per_s:.1f} img/s, "
             f"data wait {stats.data_wait_fraction:.0%} | val PSNR {val['psnr']:.2f} dB  "
-            f"SSIM {val['ssim']:.4f} | bit accuracy: {attacks}"
+            f"SSIM {val['ssim']:.4f} | bit accuracy: {attacks}",
+            to=self.console,
         )
         if stats.skipped_files:
-            self.console.print(
-                f"[yellow]warning:[/] skipped {stats.skipped_files} unreadable image(s) this epoch"
-            )
+            warn(f"skipped {stats.skipped_files} unreadable image(s) this epoch", to=self.console)
 
     # -- the loop ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -449,7 +446,7 @@ class Trainer:
         def request_stop(signum, frame):
             self.stop_requested = True
             signal.signal(signal.SIGINT, previous)
-            self.console.print("[yellow]stopping after this step (Ctrl-C again to abort)[/]")
+            say("stopping after this step (Ctrl-C again to abort)", to=self.console)
 
         previous = signal.signal(signal.SIGINT, request_stop)
         try:
@@ -463,9 +460,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         result = FitResult(out_dir=self.out_dir, epochs_done=self.epoch)
         if self.lr_message:
-            self.console.print(self.lr_message)
+            say(self.lr_message, to=self.console)
         if cfg.sync_bn and world == 1:
-            self.console.print("note: --sync-bn has no effect in a single process")
+            note("--sync-bn has no effect in a single process", to=self.console)
         where = f"{self.device}" if not self.dist.distributed else (
             f"{world} process{'es' if world > 1 else ''} ({self.dist.backend}, {self.device.type}"
             f"{', SyncBatchNorm' if cfg.sync_bn and world > 1 else ''})"
@@ -474,10 +471,11 @@ class Trainer:
             f"batch {cfg.loader.batch_size}" if world == 1
             else f"batch {cfg.loader.batch_size} per process ({cfg.loader.batch_size * world} global)"
         )
-        self.console.print(
+        say(
             f"training on {where} ({cfg.precision}), {self.data_description}; "
             f"{batch_text}, {cfg.loader.num_workers} workers, "
-            f"lr G {self.optim.lr_g:g} D {self.optim.lr_d:g}; output {self.out_dir}"
+            f"lr G {self.optim.lr_g:g} D {self.optim.lr_d:g}; output {self.out_dir}",
+            to=self.console,
         )
         progress = Progress(
             TextColumn("{task.description}"),
@@ -498,7 +496,7 @@ class Trainer:
                     and time.perf_counter() - started > 60 * cfg.max_minutes
                 )
                 if self.dist.any(over_budget):  # every rank's clock differs: agree
-                    self.console.print(f"time budget of {cfg.max_minutes:g} min reached")
+                    say(f"time budget of {cfg.max_minutes:g} min reached", to=self.console)
                     break
                 stats = self.train_epoch(progress)
                 val = self.validate()

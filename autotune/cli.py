@@ -18,10 +18,10 @@ import typer
 
 from arwgan.cli import Channels, DataDir, Device, ImageSize, MessageBits, Noise
 from arwgan.config import ModelConfig
-from arwgan.console import console, entry_point, fail
+from arwgan.console import console, entry_point, fail, say
 from arwgan.errors import UserError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 DEFAULT_OUT = Path("runs/tuned.json")
 
 
@@ -121,7 +121,7 @@ def autotune(
     if not main_rank:
         return
     print_report(console, result)
-    console.print(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; train with: arwgan-train --from-tuned {out}")
+    say(f"wrote {out}" + (f" and {plot}" if plot else "") + f"; train with: arwgan-train --from-tuned {out}")
     if as_json:
         from dataclasses import asdict
 

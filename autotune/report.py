@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from arwgan.errors import UserError
+from autotune.console import warn
 from autotune.memory import format_bytes
 from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
 
@@ -161,7 +162,7 @@ def print_report(console, result: TuneResult) -> None:
     console.print(workers_table(result))
     console.print(recommendation_table(result))
     for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        warn(warning)
 
 
 def plot_trials(result: TuneResult, path: str | Path) -> Path:
