@@ -42,12 +42,27 @@ failure, since every trial after a failure is smaller.
    confirmation succeeds) the rest of the search is plain doubling and bisection. A
    fit that does not describe this memory curve thus costs at most two trials, never
    a chase after a model.
-5. The search also stops after ``max_trials`` trials, whatever the phase.
+5. Past the peak (every objective but ``memory``, unless ``find_edge``): the search
+   stops once the ``stop_patience`` largest successful batches all lie above the
+   batch with the best *score* and all score *clearly below* it
+   (:func:`peak_passed`). Clearly below means at least ``decline_tolerance`` below
+   the best, and with the two trials' 95 % confidence intervals apart
+   (``images_per_s_rel_ci``, when the trial measured one): a drop inside the noise
+   is not a decline. One dip that a larger batch recovers from does not stop the
+   search; two successive declines do. Growth and bisection trials count alike
+   (both lie above every success before them). Those trials could not change the
+   answer, since the choice takes the best score and larger batches past its peak
+   only score lower; so the memory edge is left unsearched and the stop reason says
+   so ("memory edge not searched: throughput peaked at 64 ..."). The score is
+   images/s by default; any :class:`Score` (goodput: images/s times statistical
+   efficiency) works the same way, because the rule only reads the score.
+6. The search also stops after ``max_trials`` trials, whatever the phase.
 
 The chosen batch (``choose_batch``): objective ``memory`` keeps the largest success;
-``throughput`` keeps the largest success whose images/s is within
-``throughput_tolerance`` of the best measured: a difference that small is measurement
-noise, and among equally fast batches the largest needs the fewest optimizer steps.
+any other keeps the largest success whose score (images/s for ``throughput``) is
+within ``throughput_tolerance`` of the best measured: a difference that small is
+measurement noise, and among equally good batches the largest needs the fewest
+optimizer steps.
 """
 
 from __future__ import annotations
@@ -64,12 +79,16 @@ from autotune.memory import format_bytes
 __all__ = [
     "OBJECTIVES",
     "REASONS",
+    "THROUGHPUT",
+    "Score",
     "SearchConfig",
     "SearchError",
     "SearchResult",
     "TrialOutcome",
     "choose_batch",
+    "clearly_below",
     "fit_peak_memory",
+    "peak_passed",
     "resolution",
     "search_batch",
 ]
@@ -92,6 +111,38 @@ def resolution(batch: int) -> int:
     return 1 if batch < 64 else -(-batch // 20)
 
 
+@dataclass(frozen=True)
+class Score:
+    """What an objective maximises over successful trials, and its name for messages.
+
+    ``value(outcome)`` returns a number (higher is better) or None when the trial
+    measured nothing to score. Its relative uncertainty is taken to be the trial's
+    ``images_per_s_rel_ci``: right for images/s and for any score that is images/s
+    times a factor known without noise (goodput's statistical efficiency at a batch).
+    """
+
+    name: str
+    value: Callable[[TrialOutcome], float | None]
+
+
+def _images_per_s(outcome: TrialOutcome) -> float | None:
+    return outcome.images_per_s
+
+
+#: The default score: measured training images/s.
+THROUGHPUT = Score("throughput", _images_per_s)
+
+
+def _scored(trials: Iterable[TrialOutcome], score: Score) -> list[tuple[TrialOutcome, float, float]]:
+    """(trial, score, relative 95 % half-width or 0) for each trial that has a score."""
+    scored = []
+    for t in trials:
+        value = score.value(t)
+        if value is not None:
+            scored.append((t, value, t.images_per_s_rel_ci or 0.0))
+    return scored
+
+
 @dataclass
 class TrialOutcome:
     """What one trial of the train step at one batch size measured."""
@@ -112,6 +163,9 @@ class TrialOutcome:
     for ``over_target``."""
     predicted: bool = False
     """True when the linear memory fit proposed this batch (not doubling/bisection)."""
+    images_per_s_rel_ci: float | None = None
+    """Half-width of the 95 % confidence interval of ``images_per_s``, relative to it
+    (0.03: +-3 %); None when the trial timed a fixed number of steps without one."""
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -122,6 +176,9 @@ class TrialOutcome:
             raise ValueError(
                 f"trial at batch {self.batch}: ok={self.ok} contradicts reason {self.reason!r}"
             )
+        ci = self.images_per_s_rel_ci
+        if ci is not None and not (_is_number(ci) and 0 <= ci < math.inf):
+            raise ValueError(f"trial at batch {self.batch}: confidence interval {ci!r} is not >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +212,15 @@ class SearchConfig:
     """For ``throughput``: the largest batch within this fraction of the best images/s wins."""
     use_fit: bool = True
     """Let a linear fit of peak memory over batch propose trials (always verified)."""
+    find_edge: bool = False
+    """Search the memory edge even after the score has peaked (objective ``memory``
+    always does): for a user who wants the edge on record."""
+    stop_patience: int = 2
+    """Past the peak: this many successive larger batches must score clearly below the
+    best before the search stops (1 would let one noisy trial end it)."""
+    decline_tolerance: float = 0.05
+    """Past the peak: a score this fraction below the best (or more, when the
+    confidence intervals demand it) counts as clearly below."""
 
     def __post_init__(self) -> None:
         _require(_is_int(self.target_bytes) and self.target_bytes > 0,
@@ -178,6 +244,17 @@ class SearchConfig:
                  f"throughput tolerance must be in [0, 1), got {self.throughput_tolerance!r}")
         _require(isinstance(self.use_fit, bool),
                  f"use_fit must be true or false, got {self.use_fit!r}")
+        _require(isinstance(self.find_edge, bool),
+                 f"find_edge must be true or false, got {self.find_edge!r}")
+        _require(_is_int(self.stop_patience) and self.stop_patience >= 1,
+                 f"stop patience must be an integer >= 1, got {self.stop_patience!r}")
+        _require(_is_number(self.decline_tolerance) and 0 <= self.decline_tolerance < 1,
+                 f"decline tolerance must be in [0, 1), got {self.decline_tolerance!r}")
+
+    @property
+    def stops_past_peak(self) -> bool:
+        """Does the search stop once the score has peaked (see :func:`peak_passed`)?"""
+        return self.objective != "memory" and not self.find_edge
 
     @property
     def limit_bytes(self) -> int:
@@ -215,6 +292,9 @@ class SearchResult:
     """(fixed_bytes, per_sample_bytes) over the successful trials; None when fewer than
     two readings or a non-positive slope. Reported even when ``use_fit`` is off: it
     costs nothing and explains the memory curve."""
+    peak_batch: int | None = None
+    """Set when the search stopped past the score's peak, at this batch: the memory
+    edge was not searched."""
 
     def successes(self) -> list[TrialOutcome]:
         return [t for t in self.trials if t.ok]
@@ -225,6 +305,7 @@ class SearchResult:
             "chosen": self.chosen,
             "stop_reason": self.stop_reason,
             "fit": None if self.fit is None else list(self.fit),
+            "peak_batch": self.peak_batch,
         }
 
     @classmethod
@@ -235,6 +316,7 @@ class SearchResult:
             chosen=data["chosen"],
             stop_reason=data["stop_reason"],
             fit=None if fit is None else (float(fit[0]), float(fit[1])),
+            peak_batch=data.get("peak_batch"),  # absent from files written before it existed
         )
 
 
@@ -248,41 +330,89 @@ def fit_peak_memory(trials: Iterable[TrialOutcome]) -> tuple[float, float] | Non
     return None if fit is None else (float(fit[0]), float(fit[1]))
 
 
-def choose_batch(trials: Iterable[TrialOutcome], objective: str, tolerance: float) -> int:
+def choose_batch(
+    trials: Iterable[TrialOutcome], objective: str, tolerance: float, score: Score | None = None
+) -> int:
     """The batch to train with, among the successful trials (see the module docstring).
 
-    With ``throughput`` but no speed measured on any success, falls back to the
-    largest success: memory is then the only evidence there is.
+    ``score`` (default :data:`THROUGHPUT`) ranks the successes for every objective but
+    ``memory``. When no success has a score, falls back to the largest success: memory
+    is then the only evidence there is.
     """
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     successes = [t for t in trials if t.ok]
     if not successes:
         raise ValueError("no successful trial to choose a batch from")
-    timed = [t for t in successes if t.images_per_s is not None]
-    if objective == "memory" or not timed:
+    scored = _scored(successes, score or THROUGHPUT)
+    if objective == "memory" or not scored:
         return max(t.batch for t in successes)
-    best = max(t.images_per_s for t in timed)
-    return max(t.batch for t in timed if t.images_per_s >= (1 - tolerance) * best)
+    best = max(value for _, value, _ in scored)
+    return max(t.batch for t, value, _ in scored if value >= (1 - tolerance) * best)
 
 
-def search_batch(trial: Callable[[int], TrialOutcome], cfg: SearchConfig) -> SearchResult:
+def clearly_below(
+    value: float, value_ci: float, best: float, best_ci: float, tolerance: float
+) -> bool:
+    """Is ``value`` below ``best`` by more than noise?
+
+    Both conditions: at least ``tolerance`` (a fraction) below, and the two 95 %
+    confidence intervals apart (``value * (1 + value_ci) < best * (1 - best_ci)``, the
+    ``_ci`` being relative half-widths, 0 when unknown).
+    """
+    return value < (1 - tolerance) * best and value * (1 + value_ci) < best * (1 - best_ci)
+
+
+def peak_passed(
+    trials: Iterable[TrialOutcome],
+    score: Score | None = None,
+    patience: int = 2,
+    tolerance: float = 0.05,
+) -> int | None:
+    """The batch where ``score`` peaked, once the search is past it; None before.
+
+    Past the peak means: the ``patience`` largest successful batches with a score all
+    lie above the best-scoring batch (ties: the larger) and all score
+    :func:`clearly_below` it. A batch past the peak that scores within noise of the
+    best (a recovery) keeps the search going. Failed trials say nothing about the
+    score and are ignored.
+    """
+    scored = sorted(_scored([t for t in trials if t.ok], score or THROUGHPUT),
+                    key=lambda item: item[0].batch)
+    if len(scored) <= patience:
+        return None
+    peak, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    tail = scored[-patience:]
+    if all(t.batch > peak.batch and clearly_below(value, ci, best, best_ci, tolerance)
+           for t, value, ci in tail):
+        return peak.batch
+    return None
+
+
+def search_batch(
+    trial: Callable[[int], TrialOutcome], cfg: SearchConfig, score: Score | None = None
+) -> SearchResult:
     """Find the batch size to train with; see the module docstring for the algorithm.
 
     ``trial(batch)`` must return a :class:`TrialOutcome` for that batch (catching OOM
-    itself); an exception it lets through ends the search unchanged.
+    itself); an exception it lets through ends the search unchanged. ``score``
+    (default :data:`THROUGHPUT`) is what the choice and the past-the-peak stop
+    maximise; objective ``memory`` ignores it.
     """
-    return _Search(trial, cfg).run()
+    return _Search(trial, cfg, score or THROUGHPUT).run()
 
 
 class _Search:
     """State of one search: the trials so far and whether the fit is still trusted."""
 
-    def __init__(self, trial: Callable[[int], TrialOutcome], cfg: SearchConfig) -> None:
+    def __init__(self, trial: Callable[[int], TrialOutcome], cfg: SearchConfig,
+                 score: Score) -> None:
         self.trial = trial
         self.cfg = cfg
+        self.score = score
         self.trials: list[TrialOutcome] = []
         self.fit_trusted = cfg.use_fit
+        self.peak_batch: int | None = None
 
     def run(self) -> SearchResult:
         cfg = self.cfg
@@ -307,9 +437,10 @@ class _Search:
             confirm = predicted and not confirm and outcome.ok
         return SearchResult(
             trials=self.trials,
-            chosen=choose_batch(self.trials, cfg.objective, cfg.throughput_tolerance),
+            chosen=choose_batch(self.trials, cfg.objective, cfg.throughput_tolerance, self.score),
             stop_reason=stop_reason,
             fit=fit_peak_memory(self.trials),
+            peak_batch=self.peak_batch,
         )
 
     def _stop_reason(self, lo: int, hi: int | None) -> str | None:
@@ -323,6 +454,14 @@ class _Search:
         if hi is not None and hi - lo <= resolution(lo):
             failed = next(t for t in self.trials if t.batch == hi)
             return f"hit target between {lo} and {hi} (batch {hi}: {failed.reason})"
+        if cfg.stops_past_peak:
+            peak = peak_passed(self.trials, self.score, cfg.stop_patience, cfg.decline_tolerance)
+            if peak is not None:
+                self.peak_batch = peak
+                scored = _scored([t for t in self.trials if t.ok], self.score)
+                below = sorted(t.batch for t, _, _ in scored)[-cfg.stop_patience:]
+                return (f"memory edge not searched: {self.score.name} peaked at {peak} "
+                        f"(batch {', '.join(map(str, below))} clearly below)")
         if len(self.trials) >= cfg.max_trials:
             return f"trial budget exhausted ({cfg.max_trials} trials)"
         return None

@@ -11,12 +11,15 @@ import pytest
 
 from arwgan.errors import ConfigError
 from autotune.search import (
+    Score,
     SearchConfig,
     SearchError,
     SearchResult,
     TrialOutcome,
     choose_batch,
+    clearly_below,
     fit_peak_memory,
+    peak_passed,
     resolution,
     search_batch,
 )
@@ -44,15 +47,17 @@ def _value(source, batch):
 class FakeTrial:
     """A trial that records the batches asked for.
 
-    ``peaks``/``ips``/``seconds`` are a dict (batch -> value), a function of the batch,
-    or None (not measured). Above ``oom_above`` the trial reports an OOM with no peak.
+    ``peaks``/``ips``/``seconds``/``ci`` are a dict (batch -> value), a function of the
+    batch, or None (not measured). Above ``oom_above`` the trial reports an OOM with no
+    peak. ``ci`` is the relative 95 % half-width of the images/s.
     """
 
-    def __init__(self, peaks=None, oom_above=None, ips=float, seconds=0.01):
+    def __init__(self, peaks=None, oom_above=None, ips=float, seconds=0.01, ci=None):
         self.peaks = peaks
         self.oom_above = oom_above
         self.ips = ips
         self.seconds = seconds
+        self.ci = ci
         self.calls: list[int] = []
 
     def __call__(self, batch: int) -> TrialOutcome:
@@ -61,7 +66,8 @@ class FakeTrial:
         if self.oom_above is not None and batch > self.oom_above:
             return TrialOutcome(batch, False, None, None, seconds, "oom", OOM_TEXT)
         peak, ips = _value(self.peaks, batch), _value(self.ips, batch)
-        return TrialOutcome(batch, True, peak, ips, seconds, "ok")
+        return TrialOutcome(batch, True, peak, ips, seconds, "ok",
+                            images_per_s_rel_ci=_value(self.ci, batch))
 
 
 def run(trial: FakeTrial, **cfg) -> SearchResult:
@@ -477,3 +483,151 @@ def test_fit_peak_memory():
     assert fit_peak_memory(ok[:1]) is None
     oom = TrialOutcome(8, False, None, None, 0.1, "oom")
     assert fit_peak_memory([ok[0], oom]) is None
+
+
+# (f) past the peak: stop when the answer cannot change ----------------------------------------
+
+GROWTH = [1, 2, 4, 8, 16, 32, 64]
+RISING = {1: 10.0, 2: 20.0, 4: 38.0, 8: 70.0, 16: 90.0, 32: 100.0, 64: 110.0}
+
+
+def test_truly_declining_throughput_stops_growth():
+    # Peak 110 at 64; 128 (80) and 256 (70) are both more than 5 % below: two successive
+    # declines, so the memory edge (OOM above 1000) is never searched.
+    trial = FakeTrial(ips={**RISING, 128: 80.0, 256: 70.0}, oom_above=1000)
+    result = run(trial)
+    assert trial.calls == GROWTH + [128, 256]
+    assert result.chosen == 64
+    assert result.peak_batch == 64
+    assert result.stop_reason == (
+        "memory edge not searched: throughput peaked at 64 (batch 128, 256 clearly below)"
+    )
+
+
+DECLINING = {**RISING, 128: 80.0, 256: 70.0, 512: 60.0, 768: 55.0, 896: 52.0, 960: 51.0,
+             992: 50.0}
+# The same curve searched to the edge: 1024 OOMs, bisection 512..1024 closes at 992.
+TO_THE_EDGE = GROWTH + [128, 256, 512, 1024, 768, 896, 960, 992]
+
+
+@pytest.mark.parametrize("cfg", [{"find_edge": True}, {"objective": "memory"}])
+def test_find_edge_or_objective_memory_search_the_edge_anyway(cfg):
+    trial = FakeTrial(ips=DECLINING, oom_above=1000)
+    result = run(trial, **cfg)
+    assert trial.calls == TO_THE_EDGE
+    assert result.stop_reason == "hit target between 992 and 1024 (batch 1024: oom)"
+    assert result.peak_batch is None
+    assert result.chosen == (64 if cfg.get("find_edge") else 992)
+
+
+def test_one_noisy_dip_that_recovers_does_not_stop():
+    # 128 dips to 95 (clearly below 110) but 256 recovers to a new best (112): no stop.
+    # 512 (100) is the first decline from 256; 1024, 768 and 640 OOM (above 600), which
+    # says nothing about speed; 576 (98) is the second successive decline: stop.
+    ips = {**RISING, 128: 95.0, 256: 112.0, 512: 100.0, 576: 98.0}
+    trial = FakeTrial(ips=ips, oom_above=600)
+    result = run(trial)
+    assert trial.calls == GROWTH + [128, 256, 512, 1024, 768, 640, 576]
+    assert result.chosen == 256
+    assert result.stop_reason == (
+        "memory edge not searched: throughput peaked at 256 (batch 512, 576 clearly below)"
+    )
+
+
+def test_patience_one_stops_at_the_first_dip():
+    ips = {**RISING, 128: 95.0}
+    trial = FakeTrial(ips=ips, oom_above=600)
+    result = run(trial, stop_patience=1)
+    assert trial.calls == GROWTH + [128]
+    assert result.stop_reason == (
+        "memory edge not searched: throughput peaked at 64 (batch 128 clearly below)"
+    )
+
+
+@pytest.mark.parametrize("ci,calls,below", [
+    # Without intervals, 128 (93) is 7 % below the peak (100 at 64): a decline at once.
+    (None, [128, 256], "128, 256"),
+    # With +-3 % on the peak and +-5 % on 128: 93 * 1.05 = 97.65 > 100 * 0.97 = 97, the
+    # intervals overlap, so 128 is within noise; 256 and 512 (+-1 %) are clearly below.
+    ({**{b: 0.03 for b in GROWTH}, 128: 0.05, 256: 0.01, 512: 0.01}, [128, 256, 512],
+     "256, 512"),
+])
+def test_a_drop_within_the_confidence_intervals_is_not_a_decline(ci, calls, below):
+    ips = {**RISING, 64: 100.0, 128: 93.0, 256: 92.0, 512: 90.0}
+    trial = FakeTrial(ips=ips, oom_above=5000, ci=ci)
+    result = run(trial)
+    assert trial.calls == GROWTH + calls
+    assert result.stop_reason == (
+        f"memory edge not searched: throughput peaked at 64 (batch {below} clearly below)"
+    )
+
+
+def test_plateau_within_tolerance_searches_on():
+    # Flat at 100 from 32 on: nothing is clearly below, and the largest batch within 3 %
+    # wins, so larger batches can still change the answer; growth reaches max_batch.
+    trial = FakeTrial(ips=lambda b: min(100.0, 10.0 * b))
+    result = run(trial, max_batch=256)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert result.chosen == 256
+    assert result.peak_batch is None
+
+
+def test_goodput_score_stops_past_its_own_peak():
+    # Images/s keeps rising, but goodput = images/s x efficiency min(1, 32 / b) peaks at
+    # 32 (100), then 64 (120 x 0.5 = 60) and 128 (130 x 0.25 = 32.5) decline.
+    ips = {1: 5.0, 2: 10.0, 4: 20.0, 8: 40.0, 16: 70.0, 32: 100.0, 64: 120.0, 128: 130.0}
+    goodput = Score("goodput", lambda t: t.images_per_s * min(1.0, 32 / t.batch))
+    trial = FakeTrial(ips=ips, oom_above=5000)
+    result = search_batch(trial, SearchConfig(target_bytes=80 * GB), score=goodput)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert result.chosen == 32
+    assert result.stop_reason == (
+        "memory edge not searched: goodput peaked at 32 (batch 64, 128 clearly below)"
+    )
+    assert choose_batch(result.trials, "throughput", 0.03) == 128  # by images/s alone
+
+
+@pytest.mark.parametrize("value,value_ci,best,best_ci,expected", [
+    (94.0, 0.0, 100.0, 0.0, True),     # 6 % below, no intervals
+    (95.5, 0.0, 100.0, 0.0, False),    # 4.5 %: within the 5 % tolerance
+    (90.0, 0.06, 100.0, 0.05, False),  # 95.4 > 95: intervals overlap
+    (90.0, 0.05, 100.0, 0.05, True),   # 94.5 < 95: apart
+])
+def test_clearly_below(value, value_ci, best, best_ci, expected):
+    assert clearly_below(value, value_ci, best, best_ci, 0.05) is expected
+
+
+def test_peak_passed_needs_patience_trials_above_the_peak():
+    def ok(batch, ips):
+        return TrialOutcome(batch, True, None, ips, 0.1, "ok")
+
+    failed = TrialOutcome(512, False, None, None, 0.1, "oom")
+    assert peak_passed([ok(64, 100.0), ok(128, 50.0)]) is None
+    assert peak_passed([ok(64, 100.0), ok(128, 50.0), failed]) is None  # failures say nothing
+    assert peak_passed([ok(32, 90.0), ok(64, 100.0), ok(128, 50.0)], patience=1) == 64
+    assert peak_passed([ok(64, 100.0), ok(128, 50.0), ok(256, 40.0)]) == 64
+    # Ties at the best: the larger batch is the peak, so nothing lies above it yet.
+    assert peak_passed([ok(32, 50.0), ok(64, 100.0), ok(128, 100.0)], patience=1) is None
+
+
+def test_search_result_round_trips_the_peak():
+    trial = FakeTrial(ips={**RISING, 128: 80.0, 256: 70.0}, oom_above=1000)
+    result = run(trial)
+    data = result.to_dict()
+    assert SearchResult.from_dict(data) == result
+    del data["peak_batch"]  # a file written before the field existed
+    assert SearchResult.from_dict(data).peak_batch is None
+
+
+@pytest.mark.parametrize("field,value", [
+    ("find_edge", 1), ("stop_patience", 0), ("stop_patience", 1.5),
+    ("decline_tolerance", 1.0), ("decline_tolerance", -0.1),
+])
+def test_stopping_rule_settings_are_validated(field, value):
+    with pytest.raises(ConfigError):
+        SearchConfig(target_bytes=GB, **{field: value})
+
+
+def test_negative_confidence_interval_is_refused():
+    with pytest.raises(ValueError, match="confidence interval"):
+        TrialOutcome(8, True, None, 10.0, 0.1, "ok", images_per_s_rel_ci=-0.01)
