@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,9 @@ class TunedChoice:
     """What the batch was chosen for: throughput (fastest) | memory (largest that fits)."""
     world_size: int = 1
     """Processes the learning rates were scaled for (global batch = batch_size * world_size)."""
+    channels_last: bool = False
+    """NHWC memory format, chosen when measured faster beyond noise (autotune.knobs).
+    Absent from older files: False, the trainer's default."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "world_size"):
@@ -80,7 +83,7 @@ class TunedChoice:
             value = getattr(self, name)
             if not (_is_int(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("pin_memory", "persistent_workers"):
+        for name in ("pin_memory", "persistent_workers", "channels_last"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -217,8 +220,9 @@ def _load_choice(data: dict[str, Any], where: str) -> TunedChoice:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise CheckpointError(f"{where}: choice has unknown key(s) {', '.join(unknown)}")
-    # world_size has a default; every other field must be present.
-    missing = [name for name in names if name not in data and name != "world_size"]
+    # Fields with a default (added after schema 1 was written) may be absent.
+    missing = [f.name for f in fields(TunedChoice)
+               if f.name not in data and f.default is MISSING]
     if missing:
         raise CheckpointError(f"{where}: choice is missing key(s) {', '.join(missing)}")
     try:
@@ -330,7 +334,7 @@ def check_tuned(
 
 
 def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
-    """``base`` with the tuned loader, precision, learning rates and model.
+    """``base`` with the tuned loader, precision, learning rates, memory format and model.
 
     The model comes from the file because the measurements are only valid for it;
     explicit command-line flags are applied by the caller afterwards, and
@@ -352,6 +356,7 @@ def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
             base.optim, lr_g=choice.lr_g, lr_d=choice.lr_d, warmup_steps=choice.warmup_steps
         ),
         precision=choice.precision,
+        channels_last=choice.channels_last,
     )
 
 
