@@ -1,48 +1,97 @@
-"""How good and how cheap is the tuner? Two measurements in one run, same model, same data.
+"""How good and how cheap is the tuner? Per model shape, same model, same data:
 
 (a) seed default vs tuned: the seed report's configuration (batch 16, 4 workers, fp32,
     no pinning) and the tuner's recommendation alternate, each trained end to end for the
     same number of steps on the same data; the ratio of medians is printed.
 (b) exhaustive grid: every batch (powers of two up to the largest that fits the target)
-    x every worker count the tuner considers x every precision, each trained end to end
-    the same way. Printed: how close the tuner's choice comes to the grid's best
-    images/s (goal >= 95 %) and the tuner's time as a share of the grid's (goal <= 25 %).
+    x every worker count the tuner considers x every precision (x channels_last x CPU
+    threads with --grid-knobs), each trained end to end the same way. Printed: how close
+    the tuner's choice comes to the grid's best images/s (goal >= 95 %) and the tuner's
+    time as a share of the grid's (goal <= 25 %).
 
-    python benchmarks/tuner_vs_grid.py --device cpu          # docs/results.md
+Shapes: ``--model`` (repeatable) takes "demo" (the Makefile's demo model) or a spec
+such as "48x48,12 bits,24 ch,jpeg()+dropout(0.3,0.3)": size, message bits, channels,
+noise, in any order, separated by top-level commas; left out: the --image-size,
+--message-bits, --channels, --noise values. Without --model, those flags give one shape.
+
+    python benchmarks/tuner_vs_grid.py --device cpu --model demo \\
+        --model "48x48,12 bits,24 ch,jpeg()+dropout(0.3,0.3)" --target-mem 4GB
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import re
 import statistics
 import time
 from pathlib import Path
 
-from arwgan.config import LoaderConfig, ModelConfig, TrainConfig
+import torch
+
+from arwgan.config import LoaderConfig, ModelConfig, OptimConfig
+from arwgan.step import GANStep
 from autotune.measure import training_images_per_s
 from autotune.tuner import SEED_LOADER, SEED_PRECISION, TuneConfig, Tuner, worker_candidates
 
+#: The Makefile's DEMO_MODEL.
+DEMO = {"image_size": 32, "message_bits": 8, "channels": 16, "noise": "jpeg()+dropout(0.5,0.6)"}
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--message-bits", type=int, default=8)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--noise", default="")
-    parser.add_argument("--target-mem", default="3GB")
-    parser.add_argument("--max-batch", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per grid point")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations for (a)")
-    parser.add_argument("--json", dest="json_out", default="runs/bench/tuner_vs_grid.json")
-    args = parser.parse_args()
 
-    model = ModelConfig(image_size=args.image_size, message_bits=args.message_bits,
-                        channels=args.channels, noise=args.noise)
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside parentheses: "a,b(1,2),c" -> ["a", "b(1,2)", "c"]."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_model(spec: str, defaults: dict) -> ModelConfig:
+    """A ModelConfig from "demo" or "48x48,12 bits,24 ch,<noise>" (see the module)."""
+    if spec.strip() == "demo":
+        return ModelConfig(**DEMO)
+    values = dict(defaults)
+    noise = []
+    for part in split_top_level(spec):
+        if m := re.fullmatch(r"(\d+)(?:x(\d+))?(?:\s*px)?", part):
+            if m.group(2) and m.group(2) != m.group(1):
+                raise SystemExit(f"--model {spec!r}: images are square, got {part!r}")
+            values["image_size"] = int(m.group(1))
+        elif m := re.fullmatch(r"(\d+)\s*bits?", part):
+            values["message_bits"] = int(m.group(1))
+        elif m := re.fullmatch(r"(\d+)\s*(?:ch|channels)", part):
+            values["channels"] = int(m.group(1))
+        else:
+            noise.append(part)
+    if len(noise) > 1:
+        raise SystemExit(f"--model {spec!r}: one noise spec (layers joined by '+'), got {noise}")
+    if noise:
+        values["noise"] = noise[0]
+    try:
+        return ModelConfig(**values)
+    except ValueError as exc:  # ConfigError: a bad size, bit count or noise layer
+        raise SystemExit(f"--model {spec!r}: {exc}") from None
+
+
+def describe(model: ModelConfig) -> str:
+    return (f"{model.image_size}x{model.image_size}, {model.message_bits} bits, "
+            f"{model.channels} ch, noise {model.noise or 'none'}")
+
+
+def run_shape(model: ModelConfig, args) -> dict:
+    """The tuner, (a) and (b) for one model shape; returns the summary."""
     tune_cfg = TuneConfig(model=model, device=args.device, target_mem=args.target_mem,
-                          max_batch=args.max_batch)
+                          max_batch=args.max_batch, objective=args.objective,
+                          max_workers=args.max_workers)
+    print(f"== {describe(model)} (objective {args.objective})", flush=True)
 
     # The tuner, timed as a user would run it.
     started = time.perf_counter()
@@ -50,17 +99,25 @@ def main() -> None:
     tuner_s = time.perf_counter() - started
     choice = result.tuned.choice
     print(f"tuner: {tuner_s:.0f} s -> batch {choice.batch_size}, {choice.num_workers} workers "
-          f"(prefetch {choice.prefetch_factor}), {choice.precision}")
+          f"(prefetch {choice.prefetch_factor}), {choice.precision}; "
+          f"{len(result.search.trials)} search trials ({result.search.stop_reason})", flush=True)
 
-    # A fresh tuner object reuses the measuring code (same data, same step) for the grid.
+    # A fresh tuner object reuses the measuring code (same data, same loader) for the grid.
     bench = Tuner(tune_cfg, report=lambda m: None)
     bench.probe()
     bench.target = bench.target_bytes()
+    cores = bench.host.usable_cores
+    default_threads = torch.get_num_threads()
 
-    def measure(loader: LoaderConfig, precision: str) -> float:
-        gan = bench._gan(precision, loader.batch_size)
+    def measure(loader: LoaderConfig, precision: str, channels_last: bool = False,
+                threads: int | None = None) -> float:
+        lr = bench.lr(loader.batch_size)
+        gan = GANStep(model, OptimConfig(lr_g=lr, lr_d=lr), precision, bench.device,
+                      tune_cfg.seed, channels_last)
         depth = loader.num_workers * (loader.prefetch_factor or 0)
-        return training_images_per_s(gan, bench._loader(loader, args.steps + depth + 4), args.steps)
+        with _threads(threads or default_threads):
+            return training_images_per_s(gan, bench._loader(loader, args.steps + depth + 4),
+                                         args.steps)
 
     # (a) seed default vs tuned, alternated.
     tuned_loader = LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
@@ -68,44 +125,99 @@ def main() -> None:
     seed_runs, tuned_runs = [], []
     for _ in range(args.rounds):
         seed_runs.append(measure(SEED_LOADER, SEED_PRECISION))
-        tuned_runs.append(measure(tuned_loader, choice.precision))
+        tuned_runs.append(measure(tuned_loader, choice.precision, choice.channels_last))
     seed_ips, tuned_ips = statistics.median(seed_runs), statistics.median(tuned_runs)
     print(f"(a) seed default {seed_ips:.1f} img/s, tuned {tuned_ips:.1f} img/s: "
-          f"{tuned_ips / seed_ips:.2f}x (median of {args.rounds} alternated rounds)")
+          f"{tuned_ips / seed_ips:.2f}x (median of {args.rounds} alternated rounds)", flush=True)
 
     # (b) the grid.
     largest_ok = max(t.batch for t in result.search.trials if t.ok)
     batches = [b for b in (2**i for i in range(1, 20)) if b <= largest_ok]
-    workers = worker_candidates(bench.host.usable_cores)
+    workers = worker_candidates(cores, args.max_workers)
     precisions = bench.precision_candidates()
+    layouts = [False, True] if args.grid_knobs else [False]
+    thread_counts = sorted({1, cores}) if args.grid_knobs and bench.device.type == "cpu" else [None]
     cuda = bench.device.type == "cuda"
     grid_started = time.perf_counter()
     grid = []
-    for batch, w, precision in itertools.product(batches, workers, precisions):
+    for batch, w, precision, cl, threads in itertools.product(
+            batches, workers, precisions, layouts, thread_counts):
         loader = LoaderConfig(batch, w, pin_memory=cuda, persistent_workers=w > 0)
-        ips = measure(loader, precision)
-        grid.append({"batch": batch, "workers": w, "precision": precision, "images_per_s": ips})
-        print(f"  grid batch {batch:4d} workers {w:2d} {precision}: {ips:8.1f} img/s", flush=True)
+        ips = measure(loader, precision, cl, threads)
+        grid.append({"batch": batch, "workers": w, "precision": precision, "channels_last": cl,
+                     "threads": threads, "images_per_s": ips})
+        knobs = f" cl {int(cl)} threads {threads or '-'}" if args.grid_knobs else ""
+        print(f"  grid batch {batch:4d} workers {w:2d} {precision}{knobs}: {ips:8.1f} img/s",
+              flush=True)
     grid_s = time.perf_counter() - grid_started
     best = max(grid, key=lambda g: g["images_per_s"])
-    chosen_ips = measure(tuned_loader, choice.precision)  # same protocol as the grid points
-    print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}: "
-          f"{best['images_per_s']:.1f} img/s; tuner's choice: {chosen_ips:.1f} img/s = "
+    chosen_ips = measure(tuned_loader, choice.precision, choice.channels_last)  # grid protocol
+    best_knobs = (f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
+                  if args.grid_knobs else "")
+    print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
+          f"{best_knobs}: {best['images_per_s']:.1f} img/s; tuner's choice: {chosen_ips:.1f} img/s = "
           f"{100 * chosen_ips / best['images_per_s']:.0f} % of the best")
     print(f"    grid of {len(grid)} points took {grid_s:.0f} s; the tuner took {tuner_s:.0f} s "
-          f"= {100 * tuner_s / grid_s:.0f} % of the grid's time")
-    summary = {
-        "model": model.to_dict(), "device": str(bench.device), "tuner_s": tuner_s,
+          f"= {100 * tuner_s / grid_s:.0f} % of the grid's time", flush=True)
+    return {
+        "model": model.to_dict(), "shape": describe(model), "objective": args.objective,
+        "device": str(bench.device), "tuner_s": tuner_s,
+        "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
         "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
-                   "prefetch": choice.prefetch_factor, "precision": choice.precision},
+                   "prefetch": choice.prefetch_factor, "precision": choice.precision,
+                   "channels_last": choice.channels_last},
         "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
         "speedup": tuned_ips / seed_ips, "grid": grid, "grid_s": grid_s, "grid_best": best,
         "choice_images_per_s_in_grid_protocol": chosen_ips,
         "choice_share_of_best": chosen_ips / best["images_per_s"],
         "tuner_time_share_of_grid": tuner_s / grid_s,
     }
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", action="append", default=[],
+                        help='"demo" or "48x48,12 bits,24 ch,jpeg()+dropout(0.3,0.3)"; repeatable')
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--message-bits", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--noise", default="")
+    parser.add_argument("--objective", default="throughput", choices=("throughput", "memory"))
+    parser.add_argument("--target-mem", default="3GB")
+    parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--max-workers", type=int, default=None,
+                        help="cap on DataLoader workers, for the tuner and the grid alike")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per grid point")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations for (a)")
+    parser.add_argument("--grid-knobs", action="store_true",
+                        help="grid also over channels_last and CPU threads (1, all cores)")
+    parser.add_argument("--json", dest="json_out", default="runs/bench/tuner_vs_grid.json")
+    args = parser.parse_args()
+
+    defaults = {"image_size": args.image_size, "message_bits": args.message_bits,
+                "channels": args.channels, "noise": args.noise}
+    models = [parse_model(spec, defaults) for spec in args.model] or [ModelConfig(**defaults)]
+    summaries = [run_shape(model, args) for model in models]
+
+    print(f"\nsummary ({args.objective}): shape | tuner s | grid s | tuner/grid time | "
+          "pick/grid best | tuned/seed")
+    for s in summaries:
+        print(f"  {s['shape']} | {s['tuner_s']:.0f} | {s['grid_s']:.0f} | "
+              f"{100 * s['tuner_time_share_of_grid']:.0f} % | "
+              f"{100 * s['choice_share_of_best']:.0f} % | {s['speedup']:.2f}x")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json_out).write_text(json.dumps(summary, indent=2))
+    Path(args.json_out).write_text(json.dumps({"shapes": summaries}, indent=2))
 
 
 if __name__ == "__main__":
