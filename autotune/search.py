@@ -53,7 +53,7 @@ failure, since every trial after a failure is smaller.
    (both lie above every success before them). Those trials could not change the
    answer, since the choice takes the best score and larger batches past its peak
    only score lower; so the memory edge is left unsearched and the stop reason says
-   so ("memory edge not searched: throughput peaked at 64 ..."). The score is
+   so ("memory edge not searched: throughput peaked at 64; ..."). The score is
    images/s by default; any :class:`Score` (goodput: images/s times statistical
    efficiency) works the same way, because the rule only reads the score.
 6. The search also stops after ``max_trials`` trials, whatever the phase.
@@ -460,8 +460,8 @@ class _Search:
                 self.peak_batch = peak
                 scored = _scored([t for t in self.trials if t.ok], self.score)
                 below = sorted(t.batch for t, _, _ in scored)[-cfg.stop_patience:]
-                return (f"memory edge not searched: {self.score.name} peaked at {peak} "
-                        f"(batch {', '.join(map(str, below))} clearly below)")
+                return (f"memory edge not searched: {self.score.name} peaked at {peak}; "
+                        f"batch {', '.join(map(str, below))} clearly below")
         if len(self.trials) >= cfg.max_trials:
             return f"trial budget exhausted ({cfg.max_trials} trials)"
         return None

@@ -500,7 +500,7 @@ def test_truly_declining_throughput_stops_growth():
     assert result.chosen == 64
     assert result.peak_batch == 64
     assert result.stop_reason == (
-        "memory edge not searched: throughput peaked at 64 (batch 128, 256 clearly below)"
+        "memory edge not searched: throughput peaked at 64; batch 128, 256 clearly below"
     )
 
 
@@ -530,7 +530,7 @@ def test_one_noisy_dip_that_recovers_does_not_stop():
     assert trial.calls == GROWTH + [128, 256, 512, 1024, 768, 640, 576]
     assert result.chosen == 256
     assert result.stop_reason == (
-        "memory edge not searched: throughput peaked at 256 (batch 512, 576 clearly below)"
+        "memory edge not searched: throughput peaked at 256; batch 512, 576 clearly below"
     )
 
 
@@ -540,7 +540,7 @@ def test_patience_one_stops_at_the_first_dip():
     result = run(trial, stop_patience=1)
     assert trial.calls == GROWTH + [128]
     assert result.stop_reason == (
-        "memory edge not searched: throughput peaked at 64 (batch 128 clearly below)"
+        "memory edge not searched: throughput peaked at 64; batch 128 clearly below"
     )
 
 
@@ -558,7 +558,7 @@ def test_a_drop_within_the_confidence_intervals_is_not_a_decline(ci, calls, belo
     result = run(trial)
     assert trial.calls == GROWTH + calls
     assert result.stop_reason == (
-        f"memory edge not searched: throughput peaked at 64 (batch {below} clearly below)"
+        f"memory edge not searched: throughput peaked at 64; batch {below} clearly below"
     )
 
 
@@ -582,7 +582,7 @@ def test_goodput_score_stops_past_its_own_peak():
     assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
     assert result.chosen == 32
     assert result.stop_reason == (
-        "memory edge not searched: goodput peaked at 32 (batch 64, 128 clearly below)"
+        "memory edge not searched: goodput peaked at 32; batch 64, 128 clearly below"
     )
     assert choose_batch(result.trials, "throughput", 0.03) == 128  # by images/s alone
 
