@@ -47,6 +47,7 @@ __all__ = [
     "faster_beyond_noise",
     "measure_compile",
     "measure_rate",
+    "measure_threads_workers",
     "measure_toggle",
     "not_applicable",
     "thread_worker_candidates",
@@ -295,6 +296,28 @@ def measure_compile(
         return CompileMeasurement(eager, None, None, _failure(exc))
     steady_s = compile_calls * images_per_step / compiled.images_per_s
     return CompileMeasurement(eager, compiled, max(0.0, first_calls_s - steady_s))
+
+
+def measure_threads_workers(
+    measure_pair: Callable[[int], Rate],
+    candidates: Sequence[tuple[int, int]],
+) -> tuple[list[ThreadsWorkers], dict[str, str]]:
+    """Each (threads, workers) pair measured by ``measure_pair(workers)`` (end to end:
+    the loader with that many workers feeding the step) under ``torch_threads(threads)``.
+
+    A pair that fails (a worker crashed, shared memory ran out) is left out and its
+    error returned by name ("2t/4w"), so the choice is made among the pairs that ran.
+    """
+    measured, failed = [], {}
+    for threads, workers in candidates:
+        try:
+            with torch_threads(threads):
+                rate = measure_pair(workers)
+        except Exception as exc:  # noqa: BLE001 - a failing pair is a verdict, not fatal
+            failed[f"{threads}t/{workers}w"] = _failure(exc)
+            continue
+        measured.append(ThreadsWorkers(threads, workers, rate))
+    return measured, failed
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from autotune.knobs import (
     choose_toggle,
     faster_beyond_noise,
     measure_compile,
+    measure_threads_workers,
     measure_toggle,
     not_applicable,
     thread_worker_candidates,
@@ -137,6 +138,25 @@ def test_threads_workers_fewest_workers_within_noise_of_the_fastest():
 def test_threads_workers_a_clear_winner_wins():
     pairs = [ThreadsWorkers(2, 0, Rate(60.0)), ThreadsWorkers(1, 1, Rate(90.0))]
     assert choose_threads_workers(pairs).value == {"threads": 1, "workers": 1}
+
+
+def test_measure_threads_workers_sets_threads_and_skips_a_failing_pair():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    seen = []
+
+    def measure_pair(workers):
+        seen.append((torch.get_num_threads(), workers))
+        if workers == 2:
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Bus error.")
+        return Rate(100.0 - 10 * workers)
+
+    measured, failed = measure_threads_workers(measure_pair, [(2, 0), (1, 1), (1, 2)])
+    assert seen == [(2, 0), (1, 1), (1, 2)]
+    assert [(m.threads, m.workers) for m in measured] == [(2, 0), (1, 1)]
+    assert failed == {"1t/2w": "RuntimeError: DataLoader worker (pid 123) is killed by signal: Bus error."}
+    assert torch.get_num_threads() == before
+    assert choose_threads_workers(measured).value == {"threads": 2, "workers": 0}
 
 
 # measuring helpers: failures are verdicts ---------------------------------------------------------
