@@ -286,7 +286,7 @@ class GANStep:
     # -- gradient noise (a measurement, not part of training) ---------------------------------
     def measure_gradient_noise(
         self, images: torch.Tensor, messages: torch.Tensor, micro_batches: int,
-        noise_g, noise_d, precondition: bool = True,
+        noise_g, noise_d, precondition: bool = False,
     ) -> int:
         """Feed one step of the generator's and the discriminator's gradient noise scale
         (:class:`autotune.gns.NoiseScale` each) from this batch split into
@@ -298,7 +298,9 @@ class GANStep:
         statistics), the step count and the RNG states are as before, so training goes
         on as if this had not been called. The ordinary step is untouched; this costs one
         extra forward and backward of the batch. ``precondition`` measures in Adam's
-        preconditioned space (see :func:`autotune.gns.adam_preconditioner`). fp16 is
+        preconditioned space (:func:`autotune.gns.adam_preconditioner`); off by default
+        because the raw noise scale predicted Adam's steps-to-target better
+        (``benchmarks/gns_adam.py``, docs/goodput.md). fp16 is
         measured without loss scaling. Returns the micro-batch size the estimates are
         for (per process x world size under DDP, whose backward averages over ranks).
         """

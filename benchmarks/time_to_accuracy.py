@@ -18,7 +18,7 @@ clock until each has ``--minutes``; the clock stops during validation (the same
 to anyone. Alternating short segments spreads any change in the machine's load over all
 configurations alike.
 
-Prediction: the gradient noise scale of the generator (Adam-preconditioned) is measured
+Prediction: the gradient noise scale of the generator (raw gradients, see docs/goodput.md) is measured
 along the ``seed`` run (``--noise-batches`` measurements per segment, batch 64 as 4 x 16),
 and each configuration's predicted speed-up to the same training progress over ``seed``
 is goodput_X / goodput_seed = (images/s_X E(B_X)) / (images/s_seed E(16)), with the
