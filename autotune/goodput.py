@@ -31,6 +31,7 @@ __all__ = [
     "GoodputChoice",
     "GoodputRow",
     "choose_batch_by_goodput",
+    "conservative_noise_scale",
     "efficiency",
     "gain",
     "goodput_row",
@@ -62,6 +63,20 @@ def efficiency(batch: int, reference_batch: int, noise_scale: float) -> float:
 def gain(batch: int, reference_batch: int, noise_scale: float) -> float:
     """r(s) = s E(B): reference-batch steps one step at ``batch`` is worth."""
     return batch / reference_batch * efficiency(batch, reference_batch, noise_scale)
+
+
+def conservative_noise_scale(noise_scale: float, stderr: float, z: float = 1.0) -> float:
+    """The noise scale to decide with: ``z`` standard errors below the estimate (never
+    below 0). An overestimate picks too large a batch and wastes images; an
+    underestimate only keeps the batch nearer the reference, where the learning rate
+    was tuned. Raises ValueError when the estimate says nothing (infinite or unknown:
+    |G|^2 not yet distinguishable from noise); the caller then falls back to the
+    reference batch or to another objective, and says so."""
+    if not (math.isfinite(noise_scale) and math.isfinite(stderr) and stderr >= 0):
+        raise ValueError(
+            f"noise scale {noise_scale!r} +- {stderr!r} is not a usable estimate; measure more steps"
+        )
+    return max(noise_scale - z * stderr, 0.0)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 from autotune.goodput import (
     BatchCandidate,
     choose_batch_by_goodput,
+    conservative_noise_scale,
     efficiency,
     gain,
     verdict_line,
@@ -105,3 +106,12 @@ def test_imports_no_torch():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_conservative_noise_scale_is_one_standard_error_lower_and_refuses_no_estimate():
+    assert conservative_noise_scale(150.0, 40.0) == 110.0
+    assert conservative_noise_scale(150.0, 40.0, z=2.0) == 70.0
+    assert conservative_noise_scale(20.0, 30.0) == 0.0
+    for value, stderr in ((math.inf, 1.0), (10.0, math.inf), (math.nan, 1.0)):
+        with pytest.raises(ValueError):
+            conservative_noise_scale(value, stderr)
