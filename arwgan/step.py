@@ -320,6 +320,8 @@ class GANStep:
             for opt in (self.opt_g, self.opt_d)
         ]
         saved = (self.opt_g, self.opt_d, self.scaler_g, self.scaler_d, self.step_count)
+        groups = [*self.opt_g.param_groups, *self.opt_d.param_groups]
+        saved_lrs = [group["lr"] for group in groups]  # the steps below set them
         buffers = list(self.nets.buffers())
         buffer_snapshot = [b.clone() for b in buffers]
         noiser_rng = self.nets.noiser.get_rng_state()
@@ -331,6 +333,8 @@ class GANStep:
                     self(images[j * size : (j + 1) * size], messages[j * size : (j + 1) * size])
         finally:
             self.opt_g, self.opt_d, self.scaler_g, self.scaler_d, self.step_count = saved
+            for group, lr in zip(groups, saved_lrs):
+                group["lr"] = lr
             torch._foreach_copy_(buffers, buffer_snapshot)
             self.nets.noiser.set_rng_state(noiser_rng)
             self.nets.zero_grad(set_to_none=True)
@@ -400,7 +404,7 @@ class _GradientRecorder:
     """Stands in for an optimiser during :meth:`GANStep.measure_gradient_noise`: ``step``
     hands the gradients to a :class:`autotune.gns.MicroBatchGradients` instead of
     updating the weights. Shares the real optimiser's param_groups (the step sets their
-    learning rate, which the next real step sets again)."""
+    learning rate; the measurement puts it back)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, reader) -> None:
         self.param_groups = optimizer.param_groups

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 __all__ = [
     "MicroBatchGradients",
@@ -182,7 +183,7 @@ class NoiseScale:
 
 # -- reading gradients (torch) -------------------------------------------------------------
 
-Preconditioner = Callable[["object"], "object | None"]
+Preconditioner = Callable[[Any], Any]
 """``param -> tensor`` to divide that parameter's gradient by, or None for the identity."""
 
 

@@ -13,6 +13,8 @@ from autotune.gns import NoiseScale
 
 MODEL = ModelConfig(image_size=16, message_bits=4, channels=4, noise="")
 CPU = torch.device("cpu")
+#: A warm-up makes the learning rate depend on the step count, which the measurement must keep.
+OPTIM = OptimConfig(warmup_steps=20)
 
 
 def batches(n: int, batch: int = 8, seed: int = 0):
@@ -25,7 +27,7 @@ def batches(n: int, batch: int = 8, seed: int = 0):
 
 
 def trained_gan(steps: int) -> GANStep:
-    gan = GANStep(MODEL, OptimConfig(), "fp32", CPU, seed=0)
+    gan = GANStep(MODEL, OPTIM, "fp32", CPU, seed=0)
     for images, messages in batches(steps):
         gan(images, messages)
     return gan
@@ -48,6 +50,8 @@ def test_training_goes_on_as_if_never_measured():
     assert measured.measure_gradient_noise(images, messages, 4, noise_g, noise_d) == 2
     assert noise_g.steps == noise_d.steps == 1
     assert measured.step_count == plain.step_count
+    for opt_a, opt_b in ((plain.opt_g, measured.opt_g), (plain.opt_d, measured.opt_d)):
+        assert [g["lr"] for g in opt_a.param_groups] == [g["lr"] for g in opt_b.param_groups]
     next_images, next_messages = batches(1, seed=8)[0]
     a, b = plain(next_images, next_messages), measured(next_images, next_messages)
     for name, value in a.as_dict().items():
@@ -77,7 +81,7 @@ def expected_sqnorm(optimizer, precondition: bool) -> float:
 @pytest.mark.parametrize("precondition", [False, True])
 def test_first_micro_batch_matches_a_real_step_on_it_alone(precondition):
     gan = trained_gan(6)
-    twin = GANStep(MODEL, OptimConfig(), "fp32", CPU, seed=0)
+    twin = GANStep(MODEL, OPTIM, "fp32", CPU, seed=0)
     twin.load_state_dict(gan.state_dict())
     images, messages = batches(1, seed=7)[0]
     rec_g, rec_d = Recorder(), Recorder()
