@@ -12,6 +12,10 @@ Configurations (``--config``, repeatable; defaults below) are
 - ``goodput``: what the goodput objective chooses (batch 16, bf16, 0 workers, lr 1e-3:
   the reference batch wins when the noise scale is small; pass another with --config).
 
+With ``--choose`` the last two are not given but chosen per shape, as the tuner would:
+each ``--candidates`` batch trains ``--choose-s`` seconds for its images/s, the noise
+scale is measured on the batch-16 candidate, and the throughput and goodput rules pick.
+
 Every configuration of a shape trains in turn for ``--segment-s`` seconds of its own
 clock until each has ``--minutes``; the clock stops during validation (the same
 ``--val-images`` every time) and during noise-scale measurement, so neither is charged
@@ -44,10 +48,12 @@ from arwgan.config import LoaderConfig, ModelConfig, OptimConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
 from arwgan.evaluate import evaluate
 from arwgan.step import GANStep
+from autotune.decisions import warmup_steps_for
 from autotune.gns import NoiseScale
-from autotune.goodput import efficiency
+from autotune.goodput import BatchCandidate, choose_batch_by_goodput, conservative_noise_scale, efficiency
 
 REFERENCE_BATCH = 16
+REFERENCE_LR = 1e-3
 DEFAULT_CONFIGS = (
     "name=seed,batch=16,precision=fp32,workers=4,lr=1e-3,warmup=0",
     "name=throughput,batch=64,precision=bf16,workers=0,lr=4e-3,warmup=400",
@@ -152,6 +158,49 @@ def measure_noise(run: Run, stream_set, noise: NoiseScale, batches: int, seed: i
         run.gan.measure_gradient_noise(images, messages, 4, noise, discard)
 
 
+def choose_configs(model, train_set, val_loader, args) -> tuple[list[RunConfig], dict]:
+    """What the two objectives would pick, measured here as the tuner would: each
+    candidate batch trains briefly (``--choose-precision``, 0 workers) for its images/s,
+    and the generator's noise scale is measured on the batch-16 candidate after its
+    training. Throughput: the highest images/s, linear learning-rate rule. Goodput: the
+    highest goodput with a noise scale one standard error lower than measured, AdaScale
+    learning rate (gain ** 0.5 for Adam)."""
+    speeds = {}
+    noise = NoiseScale()
+    for batch in sorted(set(args.candidates) | {REFERENCE_BATCH}):
+        probe = Run(RunConfig(f"probe-{batch}", batch, args.choose_precision, 0, REFERENCE_LR),
+                    model, train_set, val_loader, 16, args.seed)
+        probe.train_for(3.0)  # first steps: allocation and warm-up, not timed
+        probe.train_s, probe.images = 0.0, 0
+        probe.train_for(args.choose_s)
+        speeds[batch] = probe.images_per_s
+        if batch == REFERENCE_BATCH:
+            measure_noise(probe, train_set, noise, args.choose_noise_batches, seed=args.seed + 7)
+    est = noise.estimate()
+    decide_with = conservative_noise_scale(est.noise_scale, est.noise_scale_stderr)
+    candidates = [BatchCandidate(b, v) for b, v in sorted(speeds.items())]
+    good = choose_batch_by_goodput(candidates, decide_with, REFERENCE_BATCH, tolerance=0.03)
+    fastest = max(candidates, key=lambda c: c.images_per_s)
+    tp_factor = fastest.batch / REFERENCE_BATCH
+    chosen = [
+        RunConfig("throughput", fastest.batch, args.choose_precision, 0, REFERENCE_LR * tp_factor,
+                  warmup_steps_for("linear", tp_factor)),
+        # warmup_steps_for("linear", f) is the tuner's warm-up for a learning-rate multiplier f.
+        RunConfig("goodput", good.chosen.batch, args.choose_precision, 0,
+                  REFERENCE_LR * good.chosen.lr_factor, warmup_steps_for("linear", good.chosen.lr_factor)),
+    ]
+    if (chosen[0].batch, chosen[0].lr) == (chosen[1].batch, chosen[1].lr):
+        chosen = chosen[1:]  # the same configuration: train it once
+    for row in good.rows:
+        print(f"  choose: batch {row.batch:3d} {row.images_per_s:6.1f} img/s  E {row.efficiency:.2f}  "
+              f"goodput {row.goodput:6.1f}  lr x{row.lr_factor:.2f}" + ("  <- goodput" if row is good.chosen else ""))
+    print(f"  choose: noise scale {est.noise_scale:.1f} +- {est.noise_scale_stderr:.1f} "
+          f"(decided with {decide_with:.1f}); chose {', '.join(f'{c.name} batch {c.batch} lr {c.lr:.3g}' for c in chosen)}")
+    record = {"noise_scale": est.to_dict(), "decided_with": decide_with, "goodput": good.to_dict(),
+              "configs": [asdict(c) for c in chosen]}
+    return chosen, record
+
+
 def smoothed(values: list[float]) -> list[float]:
     """Running mean of each point with its neighbours (validation on a few hundred
     images is noisy; a crossing should not hinge on one point)."""
@@ -185,6 +234,12 @@ def main() -> None:
     parser.add_argument("--val-images", type=int, default=256)
     parser.add_argument("--noise-batches", type=int, default=4, help="noise-scale measurements per seed segment")
     parser.add_argument("--noise-scale", type=float, default=None, help="use this B_noise instead of measuring")
+    parser.add_argument("--choose", action="store_true",
+                        help="measure candidates first and let the throughput and goodput objectives pick those two configurations")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--choose-precision", default="bf16")
+    parser.add_argument("--choose-s", type=float, default=30.0, help="timed training per candidate")
+    parser.add_argument("--choose-noise-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", dest="json_out", default=None)
@@ -203,7 +258,11 @@ def main() -> None:
         shape = f"{model.image_size}x{model.message_bits}x{model.channels}"
         train_set, val_set, _ = build_datasets(None, model.image_size, model.message_bits, seed=args.seed)
         val_loader = make_loader(val_set, LoaderConfig(64, 0), EpochSampler(len(val_set), args.seed, 0, shuffle=False), False)
-        runs = [Run(c, model, train_set, val_loader, args.val_images, args.seed) for c in configs]
+        shape_configs, choice = configs, None
+        if args.choose:
+            chosen, choice = choose_configs(model, train_set, val_loader, args)
+            shape_configs = [c for c in configs if c.name not in ("throughput", "goodput")] + chosen
+        runs = [Run(c, model, train_set, val_loader, args.val_images, args.seed) for c in shape_configs]
         noise = NoiseScale()
         budget = 60 * args.minutes
         segment = 0
@@ -256,7 +315,7 @@ def main() -> None:
                   f"{run.images_per_s:6.1f} img/s ({run.images_per_s / seed_run.images_per_s:.2f}x raw), "
                   f"E {e:.2f}, predicted {predicted:.2f}x, observed {obs}; "
                   f"final bits {final['bit_accuracy']:.3f} PSNR {final['psnr']:.2f}")
-        results.append({"shape": shape, "noise_scale": bn, "noise_scale_stderr": bn_se,
+        results.append({"shape": shape, "choice": choice, "noise_scale": bn, "noise_scale_stderr": bn_se,
                         "untrained_bit_accuracy": start, "levels": levels, "runs": rows})
         del runs
     summary = {"args": vars(args), "torch": torch.__version__, "results": results}
