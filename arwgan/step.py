@@ -283,6 +283,67 @@ class GANStep:
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    # -- gradient noise (a measurement, not part of training) ---------------------------------
+    def measure_gradient_noise(
+        self, images: torch.Tensor, messages: torch.Tensor, micro_batches: int,
+        noise_g, noise_d, precondition: bool = False,
+    ) -> int:
+        """Feed one step of the generator's and the discriminator's gradient noise scale
+        (:class:`autotune.gns.NoiseScale` each) from this batch split into
+        ``micro_batches`` equal parts, at the current weights.
+
+        Each part runs this class's own step (the very losses training uses) with the
+        optimisers swapped for recorders that read the gradients instead of stepping;
+        afterwards weights, optimiser and scaler state, every buffer (BatchNorm
+        statistics), the step count and the RNG states are as before, so training goes
+        on as if this had not been called. The ordinary step is untouched; this costs one
+        extra forward and backward of the batch. ``precondition`` measures in Adam's
+        preconditioned space (:func:`autotune.gns.adam_preconditioner`); off by default
+        because the raw noise scale predicted Adam's steps-to-target better
+        (``benchmarks/gns_adam.py``, docs/goodput.md). fp16 is
+        measured without loss scaling. Returns the micro-batch size the estimates are
+        for (per process x world size under DDP, whose backward averages over ranks).
+        """
+        from autotune.gns import MicroBatchGradients, adam_preconditioner
+
+        batch = images.shape[0]
+        if micro_batches < 2 or batch % micro_batches:
+            raise ConfigError(
+                f"batch {batch} does not split into {micro_batches} (>= 2) equal micro-batches"
+            )
+        size = batch // micro_batches
+        readers = [
+            MicroBatchGradients(
+                [p for group in opt.param_groups for p in group["params"]],
+                adam_preconditioner(opt) if precondition else None,
+            )
+            for opt in (self.opt_g, self.opt_d)
+        ]
+        saved = (self.opt_g, self.opt_d, self.scaler_g, self.scaler_d, self.step_count)
+        groups = [*self.opt_g.param_groups, *self.opt_d.param_groups]
+        saved_lrs = [group["lr"] for group in groups]  # the steps below set them
+        buffers = list(self.nets.buffers())
+        buffer_snapshot = [b.clone() for b in buffers]
+        noiser_rng = self.nets.noiser.get_rng_state()
+        self.opt_g, self.opt_d = (_GradientRecorder(o, r) for o, r in zip(saved[:2], readers))
+        self.scaler_g = self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=False)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                for j in range(micro_batches):
+                    self(images[j * size : (j + 1) * size], messages[j * size : (j + 1) * size])
+        finally:
+            self.opt_g, self.opt_d, self.scaler_g, self.scaler_d, self.step_count = saved
+            for group, lr in zip(groups, saved_lrs):
+                group["lr"] = lr
+            torch._foreach_copy_(buffers, buffer_snapshot)
+            self.nets.noiser.set_rng_state(noiser_rng)
+            self.nets.zero_grad(set_to_none=True)
+        micro = size * (self.dist.world_size if self.dist is not None else 1)
+        for reader, estimator in zip(readers, (noise_g, noise_d)):
+            if reader.micro_batches == micro_batches:  # a part with a non-finite loss: no step
+                estimator.update(*reader.finish(), micro_batch=micro)
+        return micro
+
     def __call__(self, images: torch.Tensor, messages: torch.Tensor) -> StepResult:
         nets, w = self.nets, self.weights
         nets.train()
@@ -337,3 +398,22 @@ class GANStep:
             bit_accuracy=bit_accuracy_per_image(decoded.detach(), messages).mean(),
             skipped=skipped_d or skipped_g,
         )
+
+
+class _GradientRecorder:
+    """Stands in for an optimiser during :meth:`GANStep.measure_gradient_noise`: ``step``
+    hands the gradients to a :class:`autotune.gns.MicroBatchGradients` instead of
+    updating the weights. Shares the real optimiser's param_groups (the step sets their
+    learning rate; the measurement puts it back)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, reader) -> None:
+        self.param_groups = optimizer.param_groups
+        self.reader = reader
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def step(self) -> None:
+        self.reader.add()
