@@ -18,6 +18,7 @@ Nothing is written except the optional ``--json`` / ``--plot`` output; no checkp
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -267,28 +268,39 @@ def memory_target(device: torch.device, target_mem: str | None, host_total: int)
     return parse_target_mem(target_mem, host_total, 0) if target_mem else host_total
 
 
-def _memory(device: torch.device, target: int) -> dict[str, Any]:
-    """Peak memory as the tuner counts it: on CUDA the allocator's peak reservation plus
-    what the process holds beyond the allocator (context, library workspaces: NVML's
-    figure for this process minus the allocator's current reservation); on the CPU the
-    peak resident set."""
-    context = None
-    if device.type == "cuda":
-        from autotune.probes import NvmlProbe
+@functools.cache
+def _nvml_probe():
+    """One NVML probe per process: it initialises NVML once."""
+    from autotune.probes import NvmlProbe
 
-        index = device.index or 0
-        allocator_peak = int(torch.cuda.max_memory_reserved(index))
-        probe = NvmlProbe()
-        try:
-            own = probe.process_used_bytes(index) if probe.available() else None
-        except Exception:  # noqa: BLE001 - the figure is then unavailable
-            own = None
-        if own:
-            context = max(0, own - int(torch.cuda.memory_reserved(index)))
-        peak = allocator_peak + (context or 0)
-    else:
-        allocator_peak = None
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return NvmlProbe()
+
+
+def process_peak_bytes(device: torch.device) -> tuple[int, int | None, int | None]:
+    """Peak memory as the tuner counts it: ``(peak, allocator peak, context)``.
+
+    CUDA: the allocator's peak reservation plus what the process holds beyond the
+    allocator (CUDA context, cuBLAS/cuDNN workspaces: NVML's figure for this process
+    minus the allocator's current reservation; None, and not added, where NVML cannot
+    tell). CPU: the peak resident set, with no allocator or context figure.
+    """
+    if device.type != "cuda":
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, None, None
+    index = device.index or 0
+    allocator_peak = int(torch.cuda.max_memory_reserved(index))
+    context = None
+    probe = _nvml_probe()
+    try:
+        own = probe.process_used_bytes(index) if probe.available() else None
+    except Exception:  # noqa: BLE001 - the figure is then unavailable
+        own = None
+    if own:
+        context = max(0, own - int(torch.cuda.memory_reserved(index)))
+    return allocator_peak + (context or 0), allocator_peak, context
+
+
+def _memory(device: torch.device, target: int) -> dict[str, Any]:
+    peak, allocator_peak, context = process_peak_bytes(device)
     return {
         "allocator_peak_bytes": allocator_peak,
         "context_bytes": context,
@@ -456,7 +468,7 @@ def run_doctor(
         },
     }
     measurements = Measurements(
-        device=device.type,
+        device="cuda" if on_gpu else "cpu",
         data_wait_fraction=data_wait,
         step_images_per_s=figures["pipeline"]["images_per_s"] or 0.0,
         fed_images_per_s=fed,

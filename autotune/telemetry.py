@@ -43,6 +43,8 @@ __all__ = [
     "Stats",
     "TrainingTelemetry",
     "nvml_gpu_reader",
+    "starvation_hint",
+    "telemetry_text",
     "series",
     "stats",
     "worker_cpu_means",
@@ -518,6 +520,20 @@ def epoch_figures(samples: list[Sample], on_gpu: bool | None, step_threads: int)
         "power_w_mean": power.mean,
         "workers_cpu_percent_mean": sum(workers.values()) / len(workers) if workers else None,
     }
+
+
+def telemetry_text(figures: Mapping[str, float | None]) -> str:
+    """The epoch line's telemetry part (`` | device busy 93 % (p10 80 %), 250 W, workers
+    12 % CPU``); figures that could not be read are left out, all missing gives ''."""
+    parts = []
+    util, p10 = figures.get("device_util_mean"), figures.get("device_util_p10")
+    if util is not None:
+        parts.append(f"device busy {util:.0f} %" + (f" (p10 {p10:.0f} %)" if p10 is not None else ""))
+    if figures.get("power_w_mean") is not None:
+        parts.append(f"{figures['power_w_mean']:.0f} W")
+    if figures.get("workers_cpu_percent_mean") is not None:
+        parts.append(f"workers {figures['workers_cpu_percent_mean']:.0f} % CPU")
+    return " | " + ", ".join(parts) if parts else ""
 
 
 #: Thresholds of the one-line hint at the end of an epoch.
