@@ -551,6 +551,6 @@ def starvation_hint(util_mean: float | None, data_wait_fraction: float, workers:
         advice = "faster decoding (smaller or pre-decoded images): every core already has a worker"
     return (
         f"device busy only {util_mean:.0f} % while the step waits for data "
-        f"{data_wait_fraction:.0%} of the time: the input pipeline limits training; "
+        f"{100 * data_wait_fraction:.0f} % of the time: the input pipeline limits training; "
         f"try {advice} (arwgan doctor explains, arwgan-autotune measures workers)"
     )
