@@ -105,19 +105,19 @@ class SourcedDataset(WatermarkDataset):
         return self.source.decode(self.source.read(path))
 
 
-class _Cycled(torch.utils.data.Dataset):
-    """Lets a sampler longer than the dataset wrap around it: a short dataset must not
-    end the measurement."""
+class _EndlessSampler(torch.utils.data.Sampler):
+    """One :class:`EpochSampler` epoch after another, without end: a measurement stops
+    on time, never because the dataset ran out."""
 
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        return self.dataset[(index % len(self.dataset), seed)]
+    def __iter__(self):
+        epoch = 0
+        while True:
+            yield from EpochSampler(self.length, seed=self.seed, epoch=epoch)
+            epoch += 1
 
 
 @dataclass
@@ -187,9 +187,8 @@ def measure_decode(dataset: WatermarkDataset, source: ImageSource, seconds: floa
     return (time.perf_counter() - start) / done, done
 
 
-def _loader(dataset, cfg: TrainConfig, length: int):
-    sampler = EpochSampler(max(length, len(dataset)), seed=cfg.seed, epoch=0)
-    return make_loader(_Cycled(dataset), cfg.loader, sampler, drop_last=True)
+def _loader(dataset, cfg: TrainConfig):
+    return make_loader(dataset, cfg.loader, _EndlessSampler(len(dataset), cfg.seed), drop_last=True)
 
 
 def measure_loader(dataset, cfg: TrainConfig, seconds: float) -> tuple[float | None, int]:
@@ -197,7 +196,7 @@ def measure_loader(dataset, cfg: TrainConfig, seconds: float) -> tuple[float | N
     batches already queued then, over about ``seconds``."""
     loader_cfg = cfg.loader
     depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
-    iterator = iter(_loader(dataset, cfg, 10**7))
+    iterator = iter(_loader(dataset, cfg))
     try:
         for _ in range(depth + 1):
             next(iterator)
@@ -386,7 +385,7 @@ def run_doctor(
     remaining = budget - (time.perf_counter() - started)
     sampler.start()
     try:
-        loader = _loader(pipeline_set, train_cfg, 10**7)
+        loader = _loader(pipeline_set, train_cfg)
         records, wall, window_start = train_window(gan, loader, max(1.0, remaining), sampler)
     finally:
         sampler.stop()
