@@ -116,3 +116,20 @@ def test_storage_limit_warns_only_when_cold_storage_cannot_feed_the_step() -> No
     assert storage_limit(24e6, 200.0, 100_000, cold=True) is None
     assert storage_limit(10e6, 200.0, 100_000, cold=False) is None  # a warm cache says nothing
     assert storage_limit(None, 200.0, 100_000, cold=True) is None
+
+
+def test_tuner_warns_when_storage_cannot_feed_the_chosen_configuration(tiny_data_dir: Path) -> None:
+    import os
+
+    from autotune.tuner import TuneConfig, Tuner
+    from arwgan.config import ModelConfig
+
+    tuner = Tuner(TuneConfig(model=ModelConfig(image_size=16, message_bits=4, channels=8, noise=""),
+                             data_dir=str(tiny_data_dir), device="cpu"))
+    # A step that consumes a billion images/s outruns any disk.
+    storage = tuner.check_storage(1e9, workers=2)
+    assert storage["files"] > 0 and storage["streams"] == 2
+    if hasattr(os, "posix_fadvise"):
+        assert storage["limit"] is not None and storage["limit"] in tuner.warnings
+    # A step of one image/s does not.
+    assert tuner.check_storage(1.0, workers=1)["limit"] is None
