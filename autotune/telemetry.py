@@ -255,11 +255,10 @@ class ProcessReader:
 
     psutil's CPU % is the share since the previous call on the same Process object, so
     the objects are kept, and a worker's first reading (no previous call) is left out.
-    Listing the children walks every process of the machine, so it is refreshed only
-    every ``children_every_s``.
+    The children are listed again every ``children_every_s`` (0: every reading).
     """
 
-    def __init__(self, pid: int | None = None, children_every_s: float = 1.0) -> None:
+    def __init__(self, pid: int | None = None, children_every_s: float = 0.5) -> None:
         import psutil
 
         self._psutil = psutil
@@ -271,14 +270,34 @@ class ProcessReader:
         self.main.cpu_percent(None)
         psutil.cpu_percent(None, percpu=True)
 
+    def _child_pids(self) -> list[int]:
+        """Direct children of the process. Linux lists each thread's children in
+        ``/proc/<pid>/task/<tid>/children`` (a fraction of a millisecond); psutil's own
+        listing reads every process of the machine (milliseconds), so it is the fallback."""
+        pids: list[int] = []
+        try:
+            tasks = os.listdir(f"/proc/{self.main.pid}/task")
+            for task in tasks:
+                with open(f"/proc/{self.main.pid}/task/{task}/children", encoding="ascii") as fh:
+                    pids.extend(int(pid) for pid in fh.read().split())
+            return pids
+        except (OSError, ValueError):
+            return [child.pid for child in self.main.children(recursive=False)]
+
     def _refresh_children(self) -> None:
         now = time.monotonic()
         if now - self._children_read_at < self.children_every_s:
             return
         self._children_read_at = now
         current = {}
-        for child in self.main.children(recursive=False):
-            current[child.pid] = self._children.get(child.pid, child)
+        for pid in self._child_pids():
+            child = self._children.get(pid)
+            if child is None:
+                try:
+                    child = self._psutil.Process(pid)
+                except self._psutil.Error:
+                    continue
+            current[pid] = child
         self._children = current
 
     def __call__(self) -> Reading:
