@@ -157,3 +157,39 @@ def test_doctor_config_is_validated() -> None:
     with pytest.raises(ConfigError):
         DoctorConfig(interval_s=0)
     assert report_table  # the table builder is importable without a run
+
+
+def test_cli_from_tuned_uses_its_configuration_and_memory_target(tiny_data_dir: Path, tmp_path: Path) -> None:
+    from arwgan.config import ModelConfig
+    from autotune.tuned import save_tuned
+    from test_tuned import make_choice, make_tuned
+
+    model = ModelConfig(image_size=16, message_bits=4, channels=8, noise="")
+    tuned = make_tuned(model, choice=make_choice(batch_size=4, num_workers=0, pin_memory=False,
+                                                 persistent_workers=False, prefetch_factor=None,
+                                                 precision="fp32"),
+                       measurements={"target_bytes": 3 * 2**30})
+    path = tmp_path / "tuned.json"
+    save_tuned(path, tuned)
+    result = CliRunner().invoke(group, [
+        "doctor", "--from-tuned", str(path), "--data-dir", str(tiny_data_dir), "--device", "cpu",
+        "--seconds", "2", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[result.stdout.index("{"):])
+    assert (data["config"]["batch"], data["config"]["workers"]) == (4, 0)
+    assert data["config"]["model"]["channels"] == 8
+    assert data["device"]["memory"]["target_bytes"] == 3 * 2**30
+    assert "tuned on another machine" in result.stderr or "warning" in result.stderr
+
+
+@pytest.mark.gpu
+def test_doctor_reads_the_real_gpu(make_config) -> None:
+    cfg = replace(small(make_config, batch=8, workers=0), device="cuda")
+    result = run_doctor(cfg, DoctorConfig(seconds=SECONDS))
+    dev = result.figures["device"]
+    assert dev["kind"] == "cuda"
+    assert dev["memory"]["allocator_peak_bytes"] > 0
+    if "gpu_util_percent" in dev:  # NVML present
+        assert dev["gpu_util_percent"]["n"] > 0 and dev["memory_total_bytes"] > 0
+        assert dev["gpu_lost_at_s"] is None
