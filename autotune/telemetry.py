@@ -24,6 +24,7 @@ NVML queries, /proc reads for a handful of processes), ten times a second;
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -502,6 +503,10 @@ class TrainingTelemetry:
             except Exception:  # noqa: BLE001 - psutil unusable here: figures unavailable
                 self._host = None
         if self._host is not None:
+            # psutil's CPU % covers the time since the previous reading: restart it here,
+            # or the epoch's first sample would include the validation before it.
+            with contextlib.suppress(Exception):
+                self._host()
             readers["host"] = self._host
         if self.gpu is not None:
             readers["gpu"] = self.gpu

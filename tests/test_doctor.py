@@ -193,3 +193,29 @@ def test_doctor_reads_the_real_gpu(make_config) -> None:
     if "gpu_util_percent" in dev:  # NVML present
         assert dev["gpu_util_percent"]["n"] > 0 and dev["memory_total_bytes"] > 0
         assert dev["gpu_lost_at_s"] is None
+
+
+def test_trainer_prints_telemetry_and_one_hint_when_the_device_starves(make_config) -> None:
+    import io
+
+    from rich.console import Console
+
+    from arwgan.trainer import EpochStats, Trainer
+
+    buffer = io.StringIO()
+    trainer = Trainer(make_config(), Console(file=buffer, width=300))
+    val = {"psnr": 30.0, "ssim": 0.9, "bitacc_identity": 0.5}
+
+    def stats(util: float, wait_s: float) -> EpochStats:
+        return EpochStats(steps=10, images=80, seconds=10.0, data_wait_s=wait_s, losses={},
+                          skipped_files=0, nonfinite_steps=0,
+                          telemetry={"device_util_mean": util, "device_util_p10": util - 10,
+                                     "power_w_mean": None, "workers_cpu_percent_mean": 95.0})
+
+    trainer.report(stats(35.0, 5.0), val)
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].endswith("| device busy 35 % (p10 25 %), workers 95 % CPU")
+    assert len(lines) == 2 and lines[1].startswith("note: device busy only 35 % while the step waits for data 50 %")
+    buffer.truncate(0), buffer.seek(0)
+    trainer.report(stats(95.0, 5.0), val)  # a busy device: no hint
+    assert len(buffer.getvalue().splitlines()) == 1
