@@ -523,6 +523,8 @@ def _pct(value: float) -> str:
 
 
 def _mbps(value: float) -> str:
+    if value < 1e5:  # a slow CPU step consumes kB/s: "0.0 MB/s" would hide it
+        return f"{value / 1e3:.1f} kB/s"
     return f"{value / 1e6:.1f} MB/s"
 
 
