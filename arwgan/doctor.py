@@ -45,7 +45,7 @@ from autotune.telemetry import (
     ProcessReader,
     Reader,
     Sampler,
-    device_busy_values,
+    device_busy_series,
     nvml_gpu_reader,
     series,
     stats,
@@ -397,7 +397,11 @@ def run_doctor(
     data_wait = wait / wall if wall > 0 else 0.0
     fed = images / (wall - wait) if wall > wait else None
     on_gpu = "gpu" in readers
-    busy = device_busy_values(samples, on_gpu, step_threads)
+    gpu_run = on_gpu or device.type == "cuda"
+    # A GPU run without NVML has no utilisation figure: the main process's CPU % would
+    # describe the host, not the GPU.
+    busy_series = device_busy_series(samples, on_gpu, step_threads) if on_gpu or not gpu_run else []
+    busy = [v for _, v in busy_series]
     gpu_figures = {
         key: _stat(v for _, v in series(samples, "gpu", key))
         for key in ("util_percent", "memory_used_bytes", "power_w", "temperature_c",
@@ -426,7 +430,9 @@ def run_doctor(
         "device": {
             "kind": device.type,
             "busy_percent": _stat(busy),
-            "busy_meaning": "NVML utilisation" if on_gpu else f"main process CPU % / {step_threads} step thread(s)",
+            "busy_meaning": "NVML utilisation" if on_gpu else (
+                "unavailable without NVML" if gpu_run else f"main process CPU % / {step_threads} step thread(s)"
+            ),
             "step_threads": step_threads,
             **({f"gpu_{k}": v for k, v in gpu_figures.items()} if on_gpu else {}),
             "memory_total_bytes": limits["memory_total_bytes"],
@@ -467,7 +473,7 @@ def run_doctor(
         },
     }
     measurements = Measurements(
-        device="cuda" if on_gpu else "cpu",
+        device="cuda" if gpu_run else "cpu",
         data_wait_fraction=data_wait,
         step_images_per_s=figures["pipeline"]["images_per_s"] or 0.0,
         fed_images_per_s=fed,
@@ -496,19 +502,12 @@ def run_doctor(
             f"({sampler.failures.get('gpu')}); later GPU figures are unavailable"
         )
     timeline = {
-        "util_t": [t - window_start for t, _ in _busy_series(samples, on_gpu, step_threads)],
-        "util": [v for _, v in _busy_series(samples, on_gpu, step_threads)],
+        "util_t": [t - window_start for t, _ in busy_series],
+        "util": busy,
         "step_t": [r.t - window_start for r in records],
         "data_wait": [r.wait_s / r.total_s if r.total_s > 0 else 0.0 for r in records],
     }
     return DoctorResult(figures, verdict, timeline)
-
-
-def _busy_series(samples, on_gpu: bool, step_threads: int) -> list[tuple[float, float]]:
-    if on_gpu:
-        return series(samples, "gpu", "util_percent")
-    threads = max(1, step_threads)
-    return [(t, min(100.0, v / threads)) for t, v in series(samples, "host", "main_cpu_percent")]
 
 
 # ---------------------------------------------------------------------------- output

@@ -523,13 +523,17 @@ class TrainingTelemetry:
         return epoch_figures(sampler.samples, self.gpu is not None, self.step_threads)
 
 
-def device_busy_values(samples: list[Sample], on_gpu: bool | None, step_threads: int) -> list[float]:
-    """The device figure over time, in %: NVML utilisation on a GPU; on the CPU, the
-    main process's CPU % as a share of the step's threads (100 = every thread busy)."""
+def device_busy_series(samples: list[Sample], on_gpu: bool | None, step_threads: int) -> list[tuple[float, float]]:
+    """``(t, %)`` of the device figure: NVML utilisation on a GPU; on the CPU, the main
+    process's CPU % as a share of the step's threads (100 = every thread busy)."""
     if on_gpu:
-        return [v for _, v in series(samples, "gpu", "util_percent")]
+        return series(samples, "gpu", "util_percent")
     threads = max(1, step_threads)
-    return [min(100.0, v / threads) for _, v in series(samples, "host", "main_cpu_percent")]
+    return [(t, min(100.0, v / threads)) for t, v in series(samples, "host", "main_cpu_percent")]
+
+
+def device_busy_values(samples: list[Sample], on_gpu: bool | None, step_threads: int) -> list[float]:
+    return [v for _, v in device_busy_series(samples, on_gpu, step_threads)]
 
 
 def epoch_figures(samples: list[Sample], on_gpu: bool | None, step_threads: int) -> dict[str, float | None]:
