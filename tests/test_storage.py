@@ -133,3 +133,23 @@ def test_tuner_warns_when_storage_cannot_feed_the_chosen_configuration(tiny_data
         assert storage["limit"] is not None and storage["limit"] in tuner.warnings
     # A step of one image/s does not.
     assert tuner.check_storage(1.0, workers=1)["limit"] is None
+
+
+def test_recommendation_table_carries_the_storage_warning() -> None:
+    from autotune.report import recommendation_table
+    from autotune.search import SearchResult
+    from autotune.tuner import TuneResult
+    from test_tuned import make_tuned
+
+    def table(storage):
+        measurements = {"comparison": {"seed_default_images_per_s": 10.0, "recommended_images_per_s": 20.0,
+                                       "speedup": 2.0, "rounds": {"recommended": [20.0]}},
+                        "storage": storage}
+        result = TuneResult(tuned=make_tuned(measurements=measurements), machine={},
+                            search=SearchResult(trials=[], chosen=64, stop_reason="test"),
+                            precision=[], workers=[], target_bytes=1, warnings=[])
+        return recommendation_table(result)
+
+    assert table({"limit": "storage reads 1.0 MB/s (cold)"}).caption == "storage reads 1.0 MB/s (cold)"
+    assert table({"limit": None}).caption is None
+    assert table(None).caption is None
