@@ -1,7 +1,7 @@
 """``arwgan``: one command group for training and using a model.
 
 ``arwgan train`` is ``arwgan-train`` under another name; ``embed``, ``extract`` and
-``eval`` use what was trained. Each command parses, calls the library
+``eval`` use what was trained; ``doctor`` says what limits a configuration's speed. Each command parses, calls the library
 (:mod:`arwgan.inference`, :mod:`arwgan.robustness`) and prints: results on stdout,
 messages and tables on stderr. Every user mistake is one ``error:`` line and exit code 2.
 """
@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
+from arwgan import cli
 from arwgan.cli import DEFAULT_TUNED, train
 from arwgan.console import EXIT_USAGE, console, entry_point, fail, say, warn
 from arwgan.errors import DataError, UserError
@@ -183,6 +184,72 @@ def evaluate_command(
     except UserError as exc:
         raise _error(exc) from None
     say("wrote " + ", ".join(map(str, written)))
+
+
+@group.command()
+def doctor(
+    data_dir: cli.DataDir = None,
+    batch: cli.Batch = None,
+    workers: cli.Workers = None,
+    precision: cli.Precision = None,
+    image_size: cli.ImageSize = None,
+    message_bits: cli.MessageBits = None,
+    channels: cli.Channels = None,
+    noise: cli.Noise = None,
+    device: cli.Device = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every RNG. (default: 0)")] = None,
+    pin_memory: Annotated[Optional[bool], typer.Option("--pin-memory/--no-pin-memory", help="Pin host batches (CUDA).")] = None,
+    persistent_workers: Annotated[Optional[bool], typer.Option("--persistent-workers/--no-persistent-workers", help="Keep workers alive between epochs.")] = None,
+    prefetch_factor: Annotated[Optional[int], typer.Option(help="Batches prefetched per worker. (default: 2)")] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory format.")] = None,
+    from_tuned: Annotated[Optional[Path], typer.Option(help="Diagnose the configuration arwgan-autotune wrote (given alone: runs/tuned.json); explicit flags override it.")] = None,
+    force: Annotated[bool, typer.Option(help="Use a tuned file even if it was made for another model config.")] = False,
+    seconds: Annotated[float, typer.Option(help="Measure for about this long, all phases together.")] = 60.0,
+    target_mem: Annotated[Optional[str], typer.Option(help="Memory target peak memory is compared with. (default: the tuned file's, else 90% of the GPU, or the RAM)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every figure as JSON on stdout.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw utilisation and data wait over time into this PNG.")] = None,
+) -> None:
+    """Run a training configuration briefly and say what limits its speed, from measurements."""
+    from arwgan.doctor import DoctorConfig, doctor_json, plot_report, print_report, run_doctor
+    from arwgan.config import TrainConfig, with_overrides
+
+    try:
+        base, tuned_target = TrainConfig(), None
+        if from_tuned is not None:
+            from autotune.tuned import load_tuned
+
+            base = cli.tuned_base(from_tuned, base, image_size, message_bits, channels, noise, force)
+            tuned_target = load_tuned(from_tuned).measurements.get("target_bytes")
+        cfg = with_overrides(base, {
+            "data_dir": str(data_dir) if data_dir is not None else None,
+            "loader.batch_size": batch,
+            "loader.num_workers": workers,
+            "loader.pin_memory": pin_memory,
+            "loader.persistent_workers": persistent_workers,
+            "loader.prefetch_factor": prefetch_factor,
+            "precision": precision,
+            "model.image_size": image_size,
+            "model.message_bits": message_bits,
+            "model.channels": channels,
+            "model.noise": noise,
+            "device": device,
+            "seed": seed,
+            "channels_last": channels_last,
+        })
+        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+            raise UserError(f"data folder '{cfg.data_dir}' does not exist")
+        if target_mem is None and tuned_target:
+            target_mem = f"{int(tuned_target)}B"
+        doctor_cfg = DoctorConfig(seconds=seconds, target_mem=target_mem)
+        with console.status("measuring") as status:
+            result = run_doctor(cfg, doctor_cfg, report=lambda message: status.update(message))
+        print_report(console, result)
+        if plot is not None:
+            say(f"wrote {plot_report(result, plot)}")
+    except UserError as exc:
+        raise _error(exc) from None
+    if as_json:
+        typer.echo(doctor_json(result))
 
 
 main = entry_point(group, optional_values={"--from-tuned": DEFAULT_TUNED})

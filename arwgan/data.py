@@ -16,6 +16,7 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -261,6 +262,11 @@ class WatermarkDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def load(self, path: Path) -> np.ndarray:
+        """Read and decode one file: :func:`load_rgb`. The one place a file is read, so
+        that ``arwgan doctor`` can time or throttle reads apart from decoding."""
+        return load_rgb(path)
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
         if isinstance(key, tuple):
             index, seed = (operator.index(part) for part in key)
@@ -275,7 +281,7 @@ class WatermarkDataset(Dataset):
             position = (index + offset) % count
             if position not in self._unreadable:
                 try:
-                    pixels = load_rgb(self.files[position])
+                    pixels = self.load(self.files[position])
                     break
                 except UNREADABLE_ERRORS as exc:
                     self._unreadable[position] = f"{type(exc).__name__}: {exc}"
@@ -298,7 +304,7 @@ class WatermarkDataset(Dataset):
         return image, message, skipped
 
 
-def load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path: Path | BinaryIO) -> np.ndarray:
     """Decode ``path`` to (H, W, 3): uint8, or float32 in [0, 1] for high-depth greyscale.
 
     Raises what PIL raises for an unreadable file (truncation included: ``load`` decodes

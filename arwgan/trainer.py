@@ -26,9 +26,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from autotune.console import console as default_console, note, say, warn
+from autotune.probes import HostProbe
+from autotune.telemetry import TrainingTelemetry, nvml_gpu_reader, starvation_hint, telemetry_text
 from arwgan.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from arwgan.config import LoaderConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
+from arwgan.doctor import process_peak_bytes
 from arwgan.distributed import (
     DistContext,
     cleanup,
@@ -43,6 +46,11 @@ from arwgan.evaluate import evaluate
 from arwgan.step import LOSS_NAMES, GANStep, check_precision, resolve_device
 
 CHECKPOINT_NAME = "last.pt"
+#: log.csv's telemetry columns (autotune.telemetry), NaN where a figure is unavailable.
+TELEMETRY_COLUMNS = (
+    "device_util_mean", "device_util_p10", "peak_process_memory_bytes", "power_w_mean",
+    "workers_cpu_percent_mean",
+)
 LOG_NAME = "log.csv"
 
 
@@ -100,6 +108,8 @@ class EpochStats:
     losses: dict[str, float]
     skipped_files: int
     nonfinite_steps: int
+    telemetry: dict[str, float | None] = field(default_factory=dict)
+    """Sampled in the background: :func:`autotune.telemetry.epoch_figures`."""
 
     @property
     def images_per_s(self) -> float:
@@ -203,6 +213,11 @@ class Trainer:
             cfg.val_images if not self.dist.distributed
             else validation_share(val_total, self.dist.rank, world)
         )
+        self.telemetry = TrainingTelemetry(
+            gpu=nvml_gpu_reader(self.device.index or 0) if self.device.type == "cuda" else None,
+            step_threads=torch.get_num_threads(),
+        )
+        self.usable_cores = HostProbe().info().usable_cores
         self.epoch = 0
         self.epoch_step = 0
         self.nonfinite_streak = 0
@@ -288,6 +303,7 @@ class Trainer:
         _sync(device)
         start = time.perf_counter()
         iterator = iter(self.train_loader)
+        self.telemetry.start()
         try:
             while self.epoch_step < total_steps:
                 wait_start = time.perf_counter()
@@ -341,6 +357,7 @@ class Trainer:
                     raise Interrupted(path)
         finally:
             progress.remove_task(task)
+            telemetry = self.telemetry.stop()
         _sync(device)
         seconds = time.perf_counter() - start
         good = max(steps - nonfinite, 1)
@@ -355,6 +372,7 @@ class Trainer:
             losses=losses,
             skipped_files=int(skipped_files),
             nonfinite_steps=nonfinite,
+            telemetry=telemetry,
         )
 
     def _reduce_epoch_sums(self, loss_sums: dict[str, torch.Tensor], skipped_files: torch.Tensor):
@@ -408,6 +426,7 @@ class Trainer:
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "skipped_files": stats.skipped_files,
             "nonfinite_steps": stats.nonfinite_steps,
+            **self._telemetry_columns(stats),
             **{f"val_{k}": round(v, 6) for k, v in val.items()},
         }
         if not self.dist.is_main:
@@ -421,6 +440,16 @@ class Trainer:
             writer.writerow(row)
         return row
 
+    def _telemetry_columns(self, stats: EpochStats) -> dict[str, float]:
+        """Device busy % (GPU: NVML utilisation; CPU: the step's threads), peak memory as
+        the tuner counts it (context included), power, the workers' mean CPU %; NaN where
+        unavailable."""
+        figures = {**stats.telemetry, "peak_process_memory_bytes": process_peak_bytes(self.device)[0]}
+        return {
+            name: float("nan") if figures.get(name) is None else round(figures[name], 2)
+            for name in TELEMETRY_COLUMNS
+        }
+
     def report(self, stats: EpochStats, val: dict[str, float]) -> None:
         attacks = "  ".join(
             f"{k.removeprefix('bitacc_')} {v:.3f}" for k, v in val.items() if k.startswith("bitacc_")
@@ -428,11 +457,17 @@ class Trainer:
         say(
             f"epoch {self.epoch + 1}/{self.cfg.epochs}: {stats.images_per_s:.1f} img/s, "
             f"data wait {stats.data_wait_fraction:.0%} | val PSNR {val['psnr']:.2f} dB  "
-            f"SSIM {val['ssim']:.4f} | bit accuracy: {attacks}",
+            f"SSIM {val['ssim']:.4f} | bit accuracy: {attacks}{telemetry_text(stats.telemetry)}",
             to=self.console,
         )
         if stats.skipped_files:
             warn(f"skipped {stats.skipped_files} unreadable image(s) this epoch", to=self.console)
+        util = stats.telemetry.get("device_util_mean")
+        hint = starvation_hint(
+            util, stats.data_wait_fraction, self.cfg.loader.num_workers, self.usable_cores
+        )
+        if hint:
+            note(hint, to=self.console)
 
     # -- the loop ------------------------------------------------------------------------
     @contextlib.contextmanager

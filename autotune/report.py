@@ -150,6 +150,9 @@ def recommendation_table(result: TuneResult) -> Table:
         f"[bold]{comp['speedup']:.2f}x[/] (end to end, median of {len(comp['rounds']['recommended'])} alternated rounds"
         + (f"; {comp['scope']}" if comp.get("scope") else "") + ")",
     )
+    storage = result.tuned.measurements.get("storage") or {}
+    if storage.get("limit"):
+        table.caption = storage["limit"]
     return table
 
 

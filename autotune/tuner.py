@@ -419,6 +419,19 @@ class Tuner:
         gc.collect()
         return results
 
+    def check_storage(self, step_images_per_s: float | None, workers: int) -> dict | None:
+        """Storage read rate (cold where possible, as many streams as workers) against what
+        the chosen step consumes; a warning when storage, not the workers, will limit it."""
+        from autotune.storage import measure_read_rate, storage_limit
+
+        rate = measure_read_rate(self.datasets()[0].files, max_seconds=2.0, streams=max(1, workers))
+        if rate is None:
+            return None
+        limit = storage_limit(rate.bytes_per_s, step_images_per_s, rate.mean_file_bytes, rate.cold)
+        if limit:
+            self.warnings.append(limit)
+        return {**rate.as_dict(), "limit": limit}
+
     def steps_for(self, batch: int, max_steps: int) -> int:
         return max(3, min(max_steps, math.ceil(self.cfg.measure_images / batch)))
 
@@ -492,6 +505,7 @@ class Tuner:
         workers = self.measure_workers(batch, chosen_precision, consumption)
         own_best = choose_workers(workers, consumption)
         best = self.dist.broadcast_object(own_best)
+        storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 
         global_batch = batch * world
         factor = global_batch / REFERENCE_BATCH
@@ -535,6 +549,7 @@ class Tuner:
             "memory_before_search_bytes": memory_before,
             "memory_after_search_bytes": memory_after,
             "comparison": comparison,
+            "storage": storage,
             "tuning_seconds": time.perf_counter() - started,
             "warnings": self.warnings,
             "machine": machine,

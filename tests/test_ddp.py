@@ -40,7 +40,9 @@ from arwgan.distributed import (
 )
 from arwgan.errors import CheckpointError, ConfigError
 from arwgan.metrics import MetricSums
-from arwgan.trainer import CHECKPOINT_NAME, Interrupted, Trainer, optim_for_world_size, validation_share
+from arwgan.trainer import (
+    CHECKPOINT_NAME, TELEMETRY_COLUMNS, Interrupted, Trainer, optim_for_world_size, validation_share,
+)
 from autotune.decisions import PrecisionMeasurement
 from autotune.tuner import combine_rank_precisions, slowest_rank_comparison
 from conftest import free_port, tiny_config, torchrun_env
@@ -325,7 +327,7 @@ def test_two_ranks_train_to_identical_models_and_only_rank_0_writes(
     assert ranks[1]["console"] == ""  # only rank 0 prints
     # Losses and metrics were reduced over ranks: both ranks hold the same row (timings
     # and memory are each rank's own).
-    own = ("images_per_s", "data_wait_fraction", "peak_memory_bytes")
+    own = ("images_per_s", "data_wait_fraction", "peak_memory_bytes", *TELEMETRY_COLUMNS)
     rows = [{k: v for k, v in r["history"][0].items() if k not in own} for r in ranks]
     assert rows[0] == rows[1]
     row = ranks[0]["history"][0]

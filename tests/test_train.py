@@ -23,10 +23,10 @@ from arwgan.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from arwgan.config import LossWeights, ModelConfig, OptimConfig, TrainConfig
 from arwgan.errors import CheckpointError, ConfigError, TrainingDiverged
 from arwgan.step import GANStep, check_precision, resolve_device, warmup_factor
-from arwgan.trainer import CHECKPOINT_NAME, LOG_NAME, Interrupted, Trainer, fit
+from arwgan.trainer import CHECKPOINT_NAME, LOG_NAME, TELEMETRY_COLUMNS, Interrupted, Trainer, fit
 
 CPU = torch.device("cpu")
-TIMING_COLUMNS = {"images_per_s", "data_wait_fraction", "peak_memory_bytes"}
+TIMING_COLUMNS = {"images_per_s", "data_wait_fraction", "peak_memory_bytes", *TELEMETRY_COLUMNS}
 LOSS_NAMES = [
     "d_loss", "g_loss", "g_adversarial", "g_ssim", "g_image_mse", "g_message_mse",
     "bit_accuracy",
@@ -505,7 +505,7 @@ def test_log_has_one_row_per_epoch_with_the_expected_columns(make_config) -> Non
         "epoch", "step",
         *(f"train_{name}" for name in LOSS_NAMES),
         "images_per_s", "data_wait_fraction", "peak_memory_bytes", "skipped_files",
-        "nonfinite_steps",
+        "nonfinite_steps", *TELEMETRY_COLUMNS,
         "val_bitacc_dropout", "val_bitacc_dropout_2", "val_bitacc_identity", "val_bitacc_jpeg",
         "val_psnr", "val_ssim",
     ]
