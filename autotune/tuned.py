@@ -237,6 +237,7 @@ _DEVICE_KEYS = (
     ("driver_version", "driver"),
     ("torch_version", "torch"),
     ("cuda_version", "cuda"),
+    ("allocator_config", "PYTORCH_CUDA_ALLOC_CONF"),
     ("usable_cores", "usable cores"),
     ("cpu_name", "cpu"),
 )
@@ -330,7 +331,8 @@ def check_tuned(
 
 
 def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
-    """``base`` with the tuned loader, precision, learning rates and model.
+    """``base`` with the tuned loader, precision, learning rates, model and (CUDA) the
+    allocator cap that holds training under the tuned memory target.
 
     The model comes from the file because the measurements are only valid for it;
     explicit command-line flags are applied by the caller afterwards, and
@@ -352,7 +354,20 @@ def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
             base.optim, lr_g=choice.lr_g, lr_d=choice.lr_d, warmup_steps=choice.warmup_steps
         ),
         precision=choice.precision,
+        allocator_limit_bytes=_allocator_limit(tuned),
     )
+
+
+def _allocator_limit(tuned: TunedFile) -> int | None:
+    """The allocator's share of the tuned memory target (the target less the context the
+    tuner measured), for a CUDA file; None for a CPU one or a file without the figures."""
+    if tuned.device.get("device_type") != "cuda":
+        return None
+    target = tuned.measurements.get("target_bytes")
+    context = tuned.measurements.get("context_bytes") or 0
+    if not _is_int(target) or not _is_int(context) or target - context <= 0:
+        return None
+    return target - context
 
 
 def rescale_for_world_size(
