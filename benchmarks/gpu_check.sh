@@ -8,8 +8,9 @@
 #   - a skipped GPU test counts as a failure (pytest alone exits 0 when all skip);
 #   - what a step needs (pytest, matplotlib for --plot) is checked, not assumed.
 # Steps and their time limits (sum 465 s, under 8 minutes on one H100):
-#   preflight 25 s | pytest -m gpu 140 s | tune the official model at --target-mem 20GB
-#   240 s | 1-GPU torchrun smoke run 60 s. Then one summary: summary.json + summary.txt
+#   preflight 25 s | pytest -m gpu 130 s | tune the official model at --target-mem 20GB
+#   250 s (workers up to the 16 cores, no oversubscribed count) | 1-GPU torchrun smoke
+#   run 60 s. Then one summary: summary.json + summary.txt
 #   (also printed at the end), with every figure docs/results.md needs.
 # Files written under $OUT (at most 8): summary.json summary.txt pytest_gpu.txt tune.txt
 #   tuned.json trials.png torchrun.txt; scratch (junit XML, the smoke run's checkpoint)
@@ -62,7 +63,7 @@ done
 [ -n "$missing" ] && { echo "gpu_check: missing Python modules:$missing"; status=1; }
 
 step "GPU-marked tests (a skip counts as a failure)"
-timeout 140 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$SCRATCH/junit.xml" \
+timeout 130 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --junitxml="$SCRATCH/junit.xml" \
     tests > "$OUT/pytest_gpu.txt" 2>&1
 rc[pytest]=$?
 tail -4 "$OUT/pytest_gpu.txt"
@@ -70,8 +71,8 @@ tail -4 "$OUT/pytest_gpu.txt"
 step "tune the official model (128x128, 30 bits, 64 channels) at --target-mem 20GB"
 plot=(--plot "$OUT/trials.png")
 "$PY" -c "import matplotlib" 2>/dev/null || plot=()
-timeout 240 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
-    "${plot[@]}" > "$OUT/tune.txt" 2>&1
+timeout 250 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
+    --max-workers 16 "${plot[@]}" > "$OUT/tune.txt" 2>&1
 rc[tune]=$?
 tail -30 "$OUT/tune.txt"
 

@@ -98,7 +98,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked ``gpu`` skip cleanly where CUDA is absent (CI, this 2-core box)."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not any("gpu" in item.keywords for item in items):
+        return
+    from arwgan.errors import GpuNotUsable
+    from arwgan.step import check_gpu_usable
+
+    reason = f"needs a CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    try:
+        check_gpu_usable()
+    except GpuNotUsable as exc:  # a GPU is there, this torch cannot use it: say why
+        reason = f"needs a CUDA GPU torch can use: {exc}"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

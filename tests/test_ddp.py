@@ -407,8 +407,12 @@ def _sync_bn_worker(rank: int, cfg_dict: dict, out_dir: Path) -> None:
     ctx = DistContext(rank=rank, local_rank=rank, world_size=2, local_world_size=2,
                       backend="gloo", device=device)
     try:
-        trainer = Trainer(TrainConfig.from_dict(cfg_dict), Console(file=io.StringIO()), ctx)
-        trainer.fit()
+        # cuDNN flags are per process: set here, in the spawned worker, not in the parent.
+        # Deterministic algorithms and no benchmark (the trainer leaves benchmark off when
+        # deterministic is set), so both ranks and the single process run the same kernels.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            trainer = Trainer(TrainConfig.from_dict(cfg_dict), Console(file=io.StringIO()), ctx)
+            trainer.fit()
         if rank == 0:
             torch.save({k: v.cpu() for k, v in trainer.gan.nets.state_dict().items()},
                        out_dir / "ddp.pt")
@@ -422,13 +426,14 @@ def test_sync_bn_two_ranks_match_one_process_over_the_global_batch(make_config, 
     """SyncBatchNorm normalises over both ranks' 4 images, and DDP averages the two
     ranks' mean losses: the step equals one process's over the 8 images (rank 0 gets
     items 0, 2, 4, 6 of the epoch's order, rank 1 the odd ones) at the same lr."""
-    torch.backends.cudnn.deterministic = True
     common = dict(device="cuda", steps_per_epoch=3, val_images=8)
     ddp_cfg = make_config(out_dir=tmp_path / "ddp", batch_size=4, sync_bn=True, **common)
     run_two_ranks(_sync_bn_worker, ddp_cfg.to_dict(), tmp_path)
     single_cfg = make_config(out_dir=tmp_path / "single", batch_size=8, **common)
-    trainer = Trainer(single_cfg, Console(file=io.StringIO()))
-    trainer.fit()
+    # The same flags as in the workers, restored afterwards (they used to leak into later tests).
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        trainer = Trainer(single_cfg, Console(file=io.StringIO()))
+        trainer.fit()
     single = {k: v.cpu() for k, v in trainer.gan.nets.state_dict().items()}
     ddp = torch.load(tmp_path / "ddp.pt")
     params = [k for k in single if not k.endswith("num_batches_tracked")]

@@ -391,6 +391,33 @@ def test_tuner_process_group_timeout_outlasts_its_trials():
 # ------------------------------------------------------------------ seam pieces
 
 
+def test_trials_and_training_set_the_same_cudnn_flags(monkeypatch, make_config):
+    """gpu-review #4: the trainer turned cudnn.benchmark on, the trials never did."""
+    import arwgan.trainer
+    import autotune.device
+    from arwgan.trainer import Trainer
+    from rich.console import Console
+
+    calls = []
+    monkeypatch.setattr(autotune.device, "configure_cudnn", calls.append)
+    monkeypatch.setattr(arwgan.trainer, "configure_cudnn", calls.append)
+    run_trial(TrialSpec(model=MODEL.to_dict(), precision="fp32", device="cpu", batch=2,
+                        warmup_steps=1, measure_steps=1))
+    Trainer(make_config(), Console(file=io.StringIO()))
+    assert calls == ["cpu", "cpu"]
+
+
+def test_cudnn_benchmark_on_unless_deterministic_was_asked_for():
+    from autotune.device import configure_cudnn
+
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False):
+        configure_cudnn("cuda")
+        assert torch.backends.cudnn.benchmark
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        configure_cudnn("cuda")
+        assert not torch.backends.cudnn.benchmark
+
+
 def test_memory_capped_restores_the_previous_fraction_even_on_error():
     cuda = FakeCudaDevice(TOTAL)
     cuda.set_memory_fraction(0.5, 0)
