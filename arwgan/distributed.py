@@ -115,7 +115,14 @@ class DistContext:
         if not self.distributed:
             return
         for buffer in module.buffers():
-            dist.broadcast(buffer, src=src)
+            if buffer.is_contiguous():
+                dist.broadcast(buffer, src=src)
+                continue
+            # NCCL refuses a non-contiguous tensor (the JPEG layer's inverted colour
+            # matrix is one): send a contiguous copy, then put it back in place.
+            packed = buffer.contiguous()
+            dist.broadcast(packed, src=src)
+            buffer.copy_(packed)
 
     def _object_device(self) -> torch.device:
         # NCCL moves pickled objects through a device tensor; gloo through a host one.

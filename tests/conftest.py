@@ -49,6 +49,7 @@ def tiny_config(
     lr: float = 1e-3,
     precision: str = "fp32",
     seed: int = 0,
+    device: str = "cpu",
     **train_fields,
 ) -> TrainConfig:
     """A TrainConfig small enough for a 2-core CPU: a step takes a few milliseconds."""
@@ -59,7 +60,7 @@ def tiny_config(
         loader=LoaderConfig(batch_size=batch_size, num_workers=0),
         optim=OptimConfig(lr_g=lr, lr_d=lr),
         precision=precision,
-        device="cpu",
+        device=device,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         val_images=val_images,

@@ -505,3 +505,27 @@ def test_cli_says_out_loud_that_torch_cannot_see_the_gpu(command, monkeypatch, t
     assert code == 1, captured
     assert_one_error_line(captured.err, "NVML sees NVIDIA H100 80GB HBM3 with driver 550.54.15")
     assert "whl/cu126" in captured.err and torch.__version__ in captured.err
+
+
+def test_broadcast_buffers_takes_a_non_contiguous_buffer(monkeypatch):
+    """Found by the first GPU run: validation under torchrun died with NCCL's 'Tensors
+    must be contiguous' on the JPEG layer's inverted colour matrix (gloo lets it pass,
+    so the NCCL check is played here)."""
+    from torch import nn
+
+    import arwgan.distributed
+    from arwgan.distributed import DistContext
+
+    def nccl_broadcast(tensor, src):
+        if not tensor.is_contiguous():
+            raise ValueError("Tensors must be contiguous")
+        tensor.mul_(1)  # what src sends: the same values
+
+    monkeypatch.setattr(arwgan.distributed.dist, "broadcast", nccl_broadcast)
+    module = nn.Module()
+    # linalg.inv answers in column-major order, as for the JPEG layer: not contiguous.
+    module.register_buffer("inverse", torch.linalg.inv(torch.tensor([[2.0, 1.0], [0.0, 1.0]])))
+    assert not module.inverse.is_contiguous()
+    expected = module.inverse.clone()
+    DistContext(backend="nccl").broadcast_buffers(module)
+    assert torch.equal(module.inverse, expected)
