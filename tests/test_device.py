@@ -418,6 +418,31 @@ def test_cudnn_benchmark_on_unless_deterministic_was_asked_for():
         assert not torch.backends.cudnn.benchmark
 
 
+def test_cudnn_finding_no_engine_near_the_cap_is_an_oom():
+    """gpu-review #11: the tuner aborted on this message instead of recording an OOM."""
+    assert is_oom(RuntimeError("GET was unable to find an engine to execute this computation"))
+
+
+def test_ssim_window_is_built_on_the_device_not_copied_from_the_host(monkeypatch):
+    """gpu-review #13: the window was a CPU tensor copied to the GPU in every call, a
+    pageable copy that blocks the host. Played on the 'meta' device (no GPU here)."""
+    from arwgan.metrics import SSIM_SIGMA, SSIM_WINDOW, _ssim_float32
+
+    copies = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        target = torch.device(args[0]) if args and isinstance(args[0], (str, torch.device)) else None
+        if self.device.type == "cpu" and target is not None and target.type != "cpu":
+            copies.append(target)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    a = torch.empty(2, 3, 16, 16, device="meta")
+    assert _ssim_float32(a, a, SSIM_WINDOW, SSIM_SIGMA).shape == (2,)  # (autocast has no meta)
+    assert copies == []
+
+
 def test_memory_capped_restores_the_previous_fraction_even_on_error():
     cuda = FakeCudaDevice(TOTAL)
     cuda.set_memory_fraction(0.5, 0)
