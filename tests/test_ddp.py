@@ -437,10 +437,15 @@ def test_sync_bn_two_ranks_match_one_process_over_the_global_batch(make_config, 
     single = {k: v.cpu() for k, v in trainer.gan.nets.state_dict().items()}
     ddp = torch.load(tmp_path / "ddp.pt")
     params = [k for k in single if not k.endswith("num_batches_tracked")]
-    # Float sums in another order, amplified a little by Adam: close, not bit-equal. An
-    # unsynchronised BatchNorm is off by about one Adam step (1e-3).
-    assert_same_tensors({k: ddp[k] for k in params}, {k: single[k] for k in params},
-                        exact=False, atol=2e-4)
+    # Float sums in another order: close, not bit-equal. Adam divides each gradient by
+    # its own magnitude, so a near-zero gradient whose sign flips with the summation
+    # order moves its weight by a whole step (lr 1e-3) the other way: a few elements may
+    # differ by up to 2 x lr x steps. An unsynchronised BatchNorm is off by about one
+    # Adam step in most elements; so at most 1 % of each tensor may differ by > 2e-4.
+    for key in params:
+        diff = (ddp[key].float() - single[key].float()).abs()
+        assert diff.max() <= 2 * 1e-3 * 3 + 1e-6, key
+        assert (diff > 2e-4).float().mean() <= 0.01, (key, (diff > 2e-4).float().mean())
 
 
 # -- the tuner under two ranks ----------------------------------------------------------
