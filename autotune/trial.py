@@ -2,14 +2,18 @@
 
 One trial builds the real ARWGAN train step (both networks, both Adam optimisers, the
 noise layers) at one batch size and precision, runs warm-up steps (the first allocates
-Adam's state and, on CUDA, lets cuDNN pick kernels), then times a few more with the
-device synchronised around the clock, and reports the peak memory it took.
+Adam's state and, on CUDA, lets cuDNN pick kernels) through every noise layer in turn,
+then times whole cycles of them with the device synchronised around the clock, and
+reports the peak memory it took. cuDNN runs with the trainer's flags.
 
 Peak memory:
 - CUDA: the allocator's peak *reserved* bytes (what the process really holds, not just
-  what tensors use) plus the CUDA context and other non-allocator usage, measured once
-  per process through NVML; the search caps the allocator at the target with
-  ``set_per_process_memory_fraction`` so that an OOM means "past the target".
+  what tensors use) plus the CUDA context and other non-allocator usage, measured
+  through NVML by the tuner (again after the first real step, when cuDNN and cuBLAS
+  have loaded); every CUDA phase caps the allocator at the target with
+  ``set_per_process_memory_fraction`` so that an OOM means "past the target" (an
+  isolated child sets the cap from its spec before its first allocation). Every
+  torch.cuda call goes through the device seam (:mod:`autotune.device`).
 - CPU: the peak resident set of a fresh subprocess that runs only this trial (the only
   honest per-trial peak on a CPU); a watchdog thread ends the child if it grows past the
   limit, so a too-large batch cannot exhaust the machine's RAM.

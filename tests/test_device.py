@@ -452,6 +452,17 @@ def test_memory_capped_restores_the_previous_fraction_even_on_error():
     assert cuda.memory_fraction(0) == 0.5
 
 
+def test_cap_has_no_floor_that_lets_a_small_target_pass_on_a_big_card():
+    """Found on an H200 (141 GB): a 1 % floor capped the allocator at 1.4 GB, so with a
+    0.8 GB context a trial under a 2 GB target peaked at 2.2 GB."""
+    H200 = 143_771 * MiB
+    assert cap_fraction(2 * 10**9, 800 * 10**6, H200) * H200 == pytest.approx(1.2e9)
+    assert cap_fraction(10**9, 2 * 10**9, H200) == 0.0
+    cuda = FakeCudaDevice(H200)
+    with memory_capped(cuda, 0, 1.2e9 / H200):
+        assert cuda.memory_fraction(0) * H200 == pytest.approx(1.2e9)
+
+
 def test_fake_device_ooms_at_the_cap_as_torch_does():
     cuda = FakeCudaDevice(10 * GiB)
     cuda.set_memory_fraction(cap_fraction(4 * GiB, GiB, 10 * GiB), 0)
