@@ -40,6 +40,8 @@ from autotune.trial import TrialSpec, run_trial
 from autotune.tuner import TuneConfig, Tuner
 from helpers import assert_one_error_line
 
+# The fake CUDA device makes the tuner ask for pinned batches on a CPU-only torch.
+pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
 MiB, GiB = 2**20, 2**30
 TOTAL = 80 * GiB
 CONTEXT = 500 * MiB  # the context right after torch.zeros(1)
@@ -124,6 +126,7 @@ def expected_cap(context: int) -> float:
 # ----------------------------------------------------------- the cap in every phase
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_every_cuda_phase_runs_under_the_cap_and_restores_the_previous_one(fake_gpu, tiny_data_dir):
     cuda, _, probes, log, _ = fake_gpu()
     phases = []
@@ -149,6 +152,7 @@ def test_every_cuda_phase_runs_under_the_cap_and_restores_the_previous_one(fake_
     assert result.tuned.choice.batch_size >= 2
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_peaks_include_the_context_measured_after_the_first_real_step(fake_gpu, tiny_data_dir):
     cuda, _, probes, _, _ = fake_gpu()
     tuner = Tuner(tune_config(tiny_data_dir), probes=probes)
@@ -161,6 +165,7 @@ def test_peaks_include_the_context_measured_after_the_first_real_step(fake_gpu, 
             assert trial.peak_bytes <= 8 * 10**9
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_container_without_our_pid_estimates_the_context_from_the_device_and_warns(fake_gpu, tiny_data_dir):
     cuda, _, probes, _, _ = fake_gpu(nvml_kwargs={"lists_own_pid": False}, other_processes_bytes=3 * GiB)
     tuner = Tuner(tune_config(tiny_data_dir), probes=probes)
@@ -169,6 +174,7 @@ def test_container_without_our_pid_estimates_the_context_from_the_device_and_war
     assert any("does not list this process" in w for w in tuner.warnings)
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_nvml_that_raises_after_init_leaves_a_torch_only_tuning(fake_gpu, tiny_data_dir):
     cuda, nvml, probes, _, _ = fake_gpu(nvml_kwargs={"raises_after_init": True})
     tuner = Tuner(tune_config(tiny_data_dir), probes=probes)
@@ -185,6 +191,7 @@ def test_mig_slice_total_comes_from_torch(fake_gpu, tiny_data_dir):
     assert tuner.fingerprint["gpu_total_bytes"] == TOTAL
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_oom_in_the_seed_default_comparison_is_a_sentence(fake_gpu, tiny_data_dir):
     """fp32 at batch 16 needs 9.6 GB here: over an 8 GB target. The precision phase
     reports it as fp32's failure, the search goes on in fp16, and the comparison says
@@ -355,6 +362,7 @@ def test_allocator_config_is_part_of_the_tuned_fingerprint(fake_gpu, tiny_data_d
     assert tuner.fingerprint["allocator_config"] == "expandable_segments:True"
 
 
+@pytest.mark.slow  # a whole tuning run (fake device, real loader): ~8 s here
 def test_from_tuned_training_is_capped_at_the_tuned_target(fake_gpu, tiny_data_dir, make_config):
     """gpu-review #4: --from-tuned training ran uncapped (cuDNN benchmark workspaces sized
     from free memory could take GBs above the tuned peak)."""
