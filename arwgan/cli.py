@@ -110,8 +110,8 @@ def train(
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise UserError(f"data folder '{cfg.data_dir}' does not exist")
         result = fit(cfg, resume=resume, console=console)
-    except UserError as exc:
-        raise fail(rank_prefix() + str(exc)) from None
+    except UserError as exc:  # GpuNotUsable says exit 1: not a typo to correct
+        raise fail(rank_prefix() + str(exc), code=getattr(exc, "exit_code", 2)) from None
     except TrainingDiverged as exc:
         raise fail(rank_prefix() + str(exc), code=1) from None
     except Interrupted as exc:

@@ -215,6 +215,10 @@ class TrainConfig:
     process); only read when ``lr_rule`` is set."""
     sync_bn: bool = False
     """With more than one process (CUDA): SyncBatchNorm, statistics over the global batch."""
+    allocator_limit_bytes: int | None = None
+    """CUDA: cap the caching allocator here (set by --from-tuned: the tuned memory target
+    less the context measured while tuning), so training stays under the target the
+    tuner measured against; None: no cap."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -263,6 +267,11 @@ class TrainConfig:
             f"lr world size must be a positive integer, got {self.lr_world_size!r}",
         )
         _require(isinstance(self.sync_bn, bool), f"sync_bn must be true or false, got {self.sync_bn!r}")
+        _require(
+            self.allocator_limit_bytes is None
+            or (isinstance(self.allocator_limit_bytes, int) and self.allocator_limit_bytes > 0),
+            f"allocator limit must be a positive number of bytes, got {self.allocator_limit_bytes!r}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -115,7 +115,14 @@ class DistContext:
         if not self.distributed:
             return
         for buffer in module.buffers():
-            dist.broadcast(buffer, src=src)
+            if buffer.is_contiguous():
+                dist.broadcast(buffer, src=src)
+                continue
+            # NCCL refuses a non-contiguous tensor (the JPEG layer's inverted colour
+            # matrix is one): send a contiguous copy, then put it back in place.
+            packed = buffer.contiguous()
+            dist.broadcast(packed, src=src)
+            buffer.copy_(packed)
 
     def _object_device(self) -> torch.device:
         # NCCL moves pickled objects through a device tensor; gloo through a host one.
@@ -155,10 +162,10 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-def timeout_from_env() -> datetime.timedelta:
+def timeout_from_env(default_s: float = DEFAULT_TIMEOUT_S) -> datetime.timedelta:
     text = os.environ.get(TIMEOUT_ENV)
     if not text:
-        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+        return datetime.timedelta(seconds=default_s)
     try:
         seconds = float(text)
     except ValueError:
@@ -168,7 +175,7 @@ def timeout_from_env() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def init_distributed(device_str: str) -> DistContext:
+def init_distributed(device_str: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
     """Join the process group torchrun describes in the environment, or return a
     single-process context when there is none (``WORLD_SIZE`` unset or 1).
 
@@ -176,7 +183,9 @@ def init_distributed(device_str: str) -> DistContext:
     ``cuda:LOCAL_RANK`` (NCCL); 'cpu' means gloo. An explicit ``cuda:N`` is refused
     with more than one process, since every process would pick the same GPU. A group of
     one is joined only when torchrun launched it (``TORCHELASTIC_RUN_ID``), not merely
-    because ``WORLD_SIZE=1`` is set.
+    because ``WORLD_SIZE=1`` is set. ``timeout_s``: how long a collective may wait
+    (``ARWGAN_DIST_TIMEOUT_S`` overrides it); the tuner's ranks search independently
+    and need far longer than a training step.
     """
     from arwgan.step import resolve_device
 
@@ -212,7 +221,7 @@ def init_distributed(device_str: str) -> DistContext:
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size, timeout=timeout_from_env(),
+            backend=backend, rank=rank, world_size=world_size, timeout=timeout_from_env(timeout_s),
             **kwargs,
         )
     return DistContext(

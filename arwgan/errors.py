@@ -21,5 +21,12 @@ class CheckpointError(UserError):
     """A checkpoint or tuned file is missing, corrupt, or belongs to another configuration."""
 
 
+class GpuNotUsable(UserError):
+    """NVML sees a GPU that this torch cannot use (a wheel built for a newer CUDA than
+    the driver's, or a CPU-only wheel). Not a typo to correct: the CLIs exit 1."""
+
+    exit_code = 1
+
+
 class TrainingDiverged(RuntimeError):
     """Losses stayed non-finite for too many consecutive steps; a checkpoint was saved."""

@@ -34,6 +34,19 @@ def _gaussian_window_cpu(size: int, sigma: float) -> torch.Tensor:
     return (g[:, None] * g[None, :]).float()
 
 
+def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """The window on ``device``. On a GPU it is built there from a few tiny kernels: a CPU
+    tensor copied per call is a pageable host-to-device copy, which waits for the GPU to
+    catch up (a host sync in every train step). Not cached on the GPU: a cached tensor
+    would hold one of the allocator's 2 MiB blocks for the life of the process."""
+    if device.type == "cpu":
+        return _gaussian_window_cpu(size, sigma)
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).float()
+
+
 def ssim_per_image(
     a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
 ) -> torch.Tensor:
@@ -55,7 +68,7 @@ def _ssim_float32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -
     b = (b + 1) / 2
     channels = a.shape[1]
     size = min(window, a.shape[-1], a.shape[-2])
-    kernel = _gaussian_window_cpu(size, sigma).to(a.device)
+    kernel = _gaussian_window(size, sigma, a.device)
     kernel = kernel.expand(channels, 1, size, size)
 
     def blur(x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from autotune.console import console as default_console, note, say, warn
 from autotune.probes import HostProbe
 from autotune.telemetry import TrainingTelemetry, nvml_gpu_reader, starvation_hint, telemetry_text
+from autotune.device import CudaDevice, configure_cudnn, memory_capped
 from arwgan.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from arwgan.config import LoaderConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
@@ -150,6 +151,11 @@ class Trainer:
         self.dist = dist if dist is not None else single_process(resolve_device(cfg.device))
         self.device = self.dist.device
         world = self.dist.world_size
+        self.cuda = CudaDevice() if self.device.type == "cuda" else None
+        if self.cuda is not None and not self.dist.distributed and self.device.index is not None:
+            # cuda:N alone: the pin-memory thread and calls without a device use the
+            # current one, cuda:0 unless set (a stray context there).
+            self.cuda.set_device(self.device.index)
         # Only rank 0 talks; the others keep a console that writes nowhere.
         if self.dist.is_main:
             self.console = console or default_console
@@ -178,9 +184,9 @@ class Trainer:
             # 0's), but each rank's own stream for the random noise layers: identical
             # streams would give every shard the same dropout masks and crops.
             torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
-        if self.device.type == "cuda":
-            # The input shape never changes during a run, so autotuned conv kernels pay.
-            torch.backends.cudnn.benchmark = True
+        # The same cuDNN settings as every tuner trial (benchmark on: the input shape
+        # never changes during a run, so autotuned conv kernels pay).
+        configure_cudnn(self.device.type)
         # DistributedSampler's role: EpochSampler shards each epoch's order exactly as
         # DistributedSampler does (padded to a multiple of the world size, rank r takes
         # every world_size-th item from the r-th), and set_epoch() moves it on each epoch.
@@ -489,6 +495,16 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _memory_cap(self):
+        """--from-tuned on CUDA: hold the allocator under the share of the tuned target
+        the tuner measured against, then put back the cap that was there before."""
+        limit = self.cfg.allocator_limit_bytes
+        if self.cuda is None or limit is None:
+            return contextlib.nullcontext()
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        total = self.cuda.mem_get_info(index)[1]
+        return memory_capped(self.cuda, index, min(1.0, limit / total))
+
     def fit(self) -> FitResult:
         cfg, world = self.cfg, self.dist.world_size
         if self.dist.is_main:
@@ -524,7 +540,7 @@ class Trainer:
             disable=not self.dist.is_main,
         )
         started = time.perf_counter()
-        with progress, self._deferred_interrupt():
+        with progress, self._deferred_interrupt(), self._memory_cap():
             while self.epoch < cfg.epochs:
                 over_budget = (
                     cfg.max_minutes is not None

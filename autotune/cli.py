@@ -54,7 +54,7 @@ def autotune(
     from autotune.report import machine_table, plot_trials, print_report, result_from_tuned
     from autotune.search import SearchError
     from autotune.tuned import load_tuned, save_tuned
-    from autotune.tuner import TuneConfig, Tuner
+    from autotune.tuner import TuneConfig, Tuner, tuner_timeout_s
 
     if show is not None:
         try:
@@ -96,7 +96,7 @@ def autotune(
             seed=seed,
         )
         # Under torchrun: join the process group; this rank tunes cuda:LOCAL_RANK (or the CPU).
-        ctx = init_distributed(cfg.device)
+        ctx = init_distributed(cfg.device, timeout_s=tuner_timeout_s(cfg))
         if ctx.distributed:
             cfg = replace(cfg, device=str(ctx.device))
         main_rank = ctx.is_main
@@ -112,8 +112,8 @@ def autotune(
             save_tuned(out, result.tuned)
             if plot is not None:
                 plot_trials(result, plot)
-    except UserError as exc:
-        raise fail(rank_prefix() + str(exc)) from None
+    except UserError as exc:  # GpuNotUsable says exit 1: not a typo to correct
+        raise fail(rank_prefix() + str(exc), code=getattr(exc, "exit_code", 2)) from None
     except SearchError as exc:  # under torchrun, names the rank that could not fit the start batch
         raise fail(f"{exc}; lower --start-batch, the image size, or raise --target-mem", code=1) from None
     finally:

@@ -102,6 +102,8 @@ class WorkerMeasurement:
     prefetch_factor: int | None
     """None with 0 workers, where torch refuses a prefetch factor."""
     images_per_s: float
+    error: str = ""
+    """Why this setting failed (a worker killed by a full /dev/shm...); its speed is 0."""
 
 
 def choose_workers(

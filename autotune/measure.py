@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-
-import torch
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from collections.abc import Callable
 
 
 def queue_depth(loader) -> int:
@@ -49,28 +43,31 @@ def loader_images_per_s(loader, batches: int, skip: int | None = None) -> float:
     return images / elapsed if elapsed > 0 else 0.0
 
 
-def training_images_per_s(gan, loader, steps: int, warmup: int | None = None) -> float:
+def training_images_per_s(
+    gan, loader, steps: int, warmup: int | None = None, sync: Callable[[], None] | None = None
+) -> float:
     """Images/s of the train step fed by ``loader``, device synchronised around the clock.
 
     Warm-up (default: 2 steps plus the loader's queue depth) lets the step settle and
     drains the batches the workers prepared before the clock starts; otherwise a short
-    window would time the queue, not the workers, and favour many workers.
+    window would time the queue, not the workers, and favour many workers. ``sync``
+    waits for the device (the seam's ``synchronize``); None on a CPU.
     """
     if warmup is None:
         warmup = queue_depth(loader) + 2
-    device = gan.device
+    sync = sync or (lambda: None)
     iterator = iter(loader)
     try:
         for _ in range(warmup):
             images, messages, *_ = next(iterator)
             gan(*gan.to_device(images, messages))
-        _sync(device)
+        sync()
         images_seen = 0
         start = time.perf_counter()
         for images, messages, *_ in itertools.islice(iterator, steps):
             gan(*gan.to_device(images, messages))
             images_seen += images.shape[0]
-        _sync(device)
+        sync()
         elapsed = time.perf_counter() - start
     finally:
         del iterator

@@ -28,6 +28,10 @@ _OOM_FRAGMENTS = (
     # unsupported configuration also reads as OOM, but then the smallest batch fails
     # as well and the search reports this message instead of guessing.
     "cudnn_status_not_supported",
+    # cuDNN v9 with benchmark off, when no engine config fits in the memory left under
+    # the cap: "GET was unable to find an engine to execute this computation". Same
+    # trade-off as NOT_SUPPORTED above.
+    "unable to find an engine",
     # DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes.
     "can't allocate memory",
     # Habana HPU: "FATAL ERROR :: MODULE:PT_DEVMEM Allocation failed".

@@ -20,11 +20,14 @@ Memory views, and why there are several (see docs/design.md, "Memory facts"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
+
+from autotune.device import CudaDevice, FakeCudaDevice, allocator_config, shm_bytes, usable_cores
 
 __all__ = [
     "FakeHostProbe",
@@ -83,13 +86,16 @@ class GpuInfo:
 @dataclass
 class HostInfo:
     usable_cores: int
-    """Cores this process may run on (CPU affinity, cgroup cpusets), not the machine's count."""
+    """Cores this process may run on (CPU affinity, cgroup cpusets, a cgroup CPU quota),
+    not the machine's count."""
     logical_cores: int
     physical_cores: int | None
     """None where psutil cannot tell (some containers and VMs)."""
     ram_total_bytes: int
     ram_available_bytes: int
     cpu_name: str
+    shm_bytes: int | None = None
+    """Size of /dev/shm, through which DataLoader workers pass batches; None: unknown."""
 
 
 @dataclass
@@ -101,28 +107,33 @@ class TorchInfo:
     cuda_available: bool
     device_count: int
     bf16_supported_cuda: bool | None
-    """None when CUDA is unavailable (the question does not apply)."""
+    """Native bf16 on cuda:0 (compute capability 8.0+; emulated bf16 does not count);
+    None when CUDA is unavailable (the question does not apply)."""
 
 
 # --------------------------------------------------------------------------- NVML
 
 
-def _visible_nvml_indices(nvml_count: int) -> list[int]:
-    """NVML indices of the devices this process sees, in CUDA index order.
-
-    ``CUDA_VISIBLE_DEVICES=2,3`` makes ``cuda:0`` NVML device 2. CUDA stops at the first
-    entry that names no device, and an empty value hides every device; both are honoured.
-    Limitations: entries that are GPU or MIG UUIDs are not resolved, so the mapping falls
-    back to identity over all NVML devices; and CUDA numbers devices fastest-first unless
-    ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, while NVML uses PCI bus order, so on a machine mixing
-    GPU models the identity mapping may pair the wrong devices.
-    """
+def _visible_tokens() -> list[str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as CUDA reads it: None when unset, else its entries."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is None:
+        return None
+    return [token.strip() for token in env.split(",")]
+
+
+def _visible_nvml_indices(nvml_count: int) -> list[int]:
+    """NVML indices of the devices this process sees, in CUDA index order, for integer
+    ``CUDA_VISIBLE_DEVICES`` (``2,3`` makes ``cuda:0`` NVML device 2). CUDA stops at the
+    first entry that names no device, and an empty value hides every device; both are
+    honoured. UUID entries are resolved by :meth:`NvmlProbe._visible_handles`.
+    Limitation: CUDA numbers devices fastest-first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
+    while NVML uses PCI bus order, so on a machine mixing GPU models the identity
+    mapping may pair the wrong devices.
+    """
+    tokens = _visible_tokens()
+    if tokens is None:
         return list(range(nvml_count))
-    tokens = [token.strip() for token in env.split(",")]
-    if tokens[0] and not tokens[0].lstrip("-").isdigit():
-        return list(range(nvml_count))  # GPU-/MIG- UUIDs: see the limitation above
     indices: list[int] = []
     for token in tokens:
         try:
@@ -144,12 +155,17 @@ class NvmlProbe:
     """GPUs as NVML sees them. Initialises NVML on first use, at most once.
 
     A machine without the NVIDIA driver, or without ``nvidia-ml-py`` installed, is not an
-    error here: ``available()`` is False and ``gpus()`` is empty.
+    error here: ``available()`` is False and ``gpus()`` is empty. NVML is optional, so no
+    call after a successful init may end the caller either: a GPU lost, a permission
+    refused, ``NVMLLibraryMismatchError`` (not an NVMLError subclass), a device index
+    that maps nowhere all read as "no NVML reading" (None or empty), and
+    ``last_error`` says why.
     """
 
     def __init__(self) -> None:
         self._nvml: Any = None
         self._initialised: bool | None = None  # None: not tried yet
+        self.last_error: str | None = None
 
     def available(self) -> bool:
         if self._initialised is None:
@@ -163,53 +179,107 @@ class NvmlProbe:
             return False
         try:
             pynvml.nvmlInit()
-        except (pynvml.NVMLError, OSError):
-            # NVMLError covers "library not found" and "driver not loaded"; OSError a
-            # libnvidia-ml that exists but cannot be loaded.
+        except Exception:  # noqa: BLE001 - NVMLError, OSError, NVMLLibraryMismatchError...
+            # "library not found", "driver not loaded", a libnvidia-ml that exists but
+            # cannot be loaded or does not match: NVML is then simply unavailable.
             return False
         self._nvml = pynvml
         return True
 
-    def _visible(self) -> list[int]:
-        return _visible_nvml_indices(self._nvml.nvmlDeviceGetCount())
+    def close(self) -> None:
+        """``nvmlShutdown`` (NVML counts inits); a later call initialises it again."""
+        if self._initialised:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+        self._initialised = None
+        self._nvml = None
+
+    def _guarded(self, read: Callable[[], Any], default: Any) -> Any:
+        try:
+            return read()
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return default
+
+    def _visible_handles(self) -> list[Any]:
+        """NVML handles of the devices this process sees, in CUDA index order.
+
+        ``GPU-<uuid>`` and ``MIG-<uuid>`` entries (full, or a unique prefix as CUDA
+        accepts) resolve by UUID: a MIG entry gives the slice's handle, whose memory is
+        the slice's, not the whole card's.
+        """
+        nvml = self._nvml
+        count = nvml.nvmlDeviceGetCount()
+        tokens = _visible_tokens()
+        if tokens is None or not tokens[0] or tokens[0].lstrip("-").isdigit():
+            return [nvml.nvmlDeviceGetHandleByIndex(i) for i in _visible_nvml_indices(count)]
+        handles = []
+        for token in tokens:
+            handle = self._handle_by_uuid(token, count)
+            if handle is None:
+                break  # CUDA stops at the first entry that names no device
+            handles.append(handle)
+        return handles
+
+    def _handle_by_uuid(self, token: str, count: int) -> Any:
+        nvml = self._nvml
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(token)
+        except Exception:  # noqa: BLE001 - a prefix: match it below
+            pass
+        matches = []
+        for index in range(count):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            if _text(nvml.nvmlDeviceGetUUID(handle)).startswith(token):
+                matches.append(handle)
+        return matches[0] if len(matches) == 1 else None
 
     def gpus(self) -> list[GpuInfo]:
         """Every GPU visible to this process, indexed as torch numbers them."""
         if not self.available():
             return []
-        return [self._read(cuda_index, nvml_index)
-                for cuda_index, nvml_index in enumerate(self._visible())]
+        return self._guarded(
+            lambda: [self._read(i, h) for i, h in enumerate(self._visible_handles())], []
+        )
 
-    def gpu(self, index: int) -> GpuInfo:
-        """The GPU torch calls ``cuda:<index>``; IndexError when there is none."""
-        return self._read(index, self._nvml_index(index))
+    def gpu(self, index: int) -> GpuInfo | None:
+        """The GPU torch calls ``cuda:<index>``; None when NVML cannot say."""
+        if not self.available():
+            return None
+        return self._guarded(lambda: self._read(index, self._handle(index)), None)
 
     def process_used_bytes(self, index: int) -> int | None:
         """Device memory this process holds on ``cuda:<index>`` according to NVML.
 
-        Read before and after creating the CUDA context to measure the context's cost,
+        Read after the first real step to measure the context and the libraries' handles,
         which the allocator's counters do not include. 0 when this process is not listed;
         inside a container without the host's PID namespace NVML reports host PIDs, so
-        this process is never found and 0 after a context exists means "not measurable".
-        None when NVML is unavailable or cannot list processes or their usage.
+        this process is never found (see :meth:`device_used_bytes`). None when NVML is
+        unavailable or cannot list processes or their usage.
         """
         if not self.available():
             return None
-        handle = self._nvml.nvmlDeviceGetHandleByIndex(self._nvml_index(index))
-        processes = self._processes(handle)
-        if processes is None:
-            return None
-        return _split_processes(processes, os.getpid())[0]
 
-    def _nvml_index(self, index: int) -> int:
-        visible = self._visible() if self.available() else []
+        def read() -> int | None:
+            processes = self._processes(self._handle(index))
+            return None if processes is None else _split_processes(processes, os.getpid())[0]
+
+        return self._guarded(read, None)
+
+    def device_used_bytes(self, index: int) -> int | None:
+        """NVML's device-wide ``used``: the fallback when this process is not listed."""
+        if not self.available():
+            return None
+        return self._guarded(lambda: int(self._memory(self._handle(index))[0].used), None)
+
+    def _handle(self, index: int) -> Any:
+        visible = self._visible_handles()
         if not 0 <= index < len(visible):
             raise IndexError(f"no GPU cuda:{index} visible to NVML ({len(visible)} visible)")
         return visible[index]
 
-    def _read(self, cuda_index: int, nvml_index: int) -> GpuInfo:
+    def _read(self, cuda_index: int, handle: Any) -> GpuInfo:
         nvml = self._nvml
-        handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
         memory, reserved = self._memory(handle)
         processes = self._processes(handle)
         if processes is None:
@@ -299,158 +369,29 @@ class FakeNvmlProbe:
     def gpus(self) -> list[GpuInfo]:
         return list(self._gpus)
 
-    def gpu(self, index: int) -> GpuInfo:
-        for gpu in self._gpus:
-            if gpu.index == index:
-                return gpu
-        raise IndexError(f"no GPU cuda:{index} visible to NVML ({len(self._gpus)} visible)")
+    def gpu(self, index: int) -> GpuInfo | None:
+        return next((gpu for gpu in self._gpus if gpu.index == index), None)
 
     def process_used_bytes(self, index: int) -> int | None:
-        if not self._gpus:
-            return None
-        return self.gpu(index).this_process_bytes
+        gpu = self.gpu(index)
+        return None if gpu is None else gpu.this_process_bytes
+
+    def device_used_bytes(self, index: int) -> int | None:
+        gpu = self.gpu(index)
+        return None if gpu is None else gpu.used_bytes
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------- torch.cuda
-
-
-class TorchCudaProbe:
-    """Thin wrappers over ``torch.cuda``; torch is imported on the first call."""
-
-    @staticmethod
-    def _cuda() -> Any:
-        import torch
-
-        return torch.cuda
-
-    def available(self) -> bool:
-        return bool(self._cuda().is_available())
-
-    def device_name(self, index: int) -> str:
-        return str(self._cuda().get_device_name(index))
-
-    def mem_get_info(self, index: int) -> tuple[int, int]:
-        """(free, total) bytes, device-wide: other processes' memory counts as used."""
-        free, total = self._cuda().mem_get_info(index)
-        return int(free), int(total)
-
-    def reset_peak(self, index: int) -> None:
-        self._cuda().reset_peak_memory_stats(index)
-
-    def peak_reserved_bytes(self, index: int) -> int:
-        """What the allocator held at its peak since the last reset: the trial's real need."""
-        return int(self._cuda().max_memory_reserved(index))
-
-    def peak_allocated_bytes(self, index: int) -> int:
-        return int(self._cuda().max_memory_allocated(index))
-
-    def reserved_bytes(self, index: int) -> int:
-        return int(self._cuda().memory_reserved(index))
-
-    def allocated_bytes(self, index: int) -> int:
-        return int(self._cuda().memory_allocated(index))
-
-    def empty_cache(self) -> None:
-        self._cuda().empty_cache()
-
-    def set_memory_fraction(self, fraction: float, index: int) -> None:
-        """Make allocations fail at ``fraction`` of the device instead of at its limit."""
-        self._cuda().set_per_process_memory_fraction(fraction, index)
-
-    def synchronize(self, index: int) -> None:
-        self._cuda().synchronize(index)
-
-    def bf16_supported(self) -> bool:
-        cuda = self._cuda()
-        return bool(cuda.is_available() and cuda.is_bf16_supported())
-
-
-class FakeTorchCudaProbe:
-    """A CUDA device with fixed capacity. Tests set ``allocated`` / ``reserved`` to play a
-    trial; the peaks follow them as torch's do, until ``reset_peak``."""
-
-    def __init__(
-        self,
-        total_bytes: int,
-        free_bytes: int | None = None,
-        name: str = "Fake GPU",
-        bf16: bool = True,
-    ) -> None:
-        self.total_bytes = total_bytes
-        self.free_bytes = total_bytes if free_bytes is None else free_bytes
-        self.name = name
-        self.bf16 = bf16
-        self._allocated = self._reserved = 0
-        self._peak_allocated = self._peak_reserved = 0
-        self.memory_fraction: float | None = None
-        self.empty_cache_calls = 0
-
-    @property
-    def allocated(self) -> int:
-        return self._allocated
-
-    @allocated.setter
-    def allocated(self, value: int) -> None:
-        self._allocated = value
-        self._peak_allocated = max(self._peak_allocated, value)
-
-    @property
-    def reserved(self) -> int:
-        return self._reserved
-
-    @reserved.setter
-    def reserved(self, value: int) -> None:
-        self._reserved = value
-        self._peak_reserved = max(self._peak_reserved, value)
-
-    def available(self) -> bool:
-        return True
-
-    def device_name(self, index: int) -> str:
-        return self.name
-
-    def mem_get_info(self, index: int) -> tuple[int, int]:
-        return self.free_bytes, self.total_bytes
-
-    def reset_peak(self, index: int) -> None:
-        self._peak_allocated = self._allocated
-        self._peak_reserved = self._reserved
-
-    def peak_reserved_bytes(self, index: int) -> int:
-        return self._peak_reserved
-
-    def peak_allocated_bytes(self, index: int) -> int:
-        return self._peak_allocated
-
-    def reserved_bytes(self, index: int) -> int:
-        return self.reserved
-
-    def allocated_bytes(self, index: int) -> int:
-        return self.allocated
-
-    def empty_cache(self) -> None:
-        self.empty_cache_calls += 1
-        self.reserved = self.allocated
-
-    def set_memory_fraction(self, fraction: float, index: int) -> None:
-        self.memory_fraction = fraction
-
-    def synchronize(self, index: int) -> None:
-        """Nothing runs asynchronously on a fake device."""
-
-    def bf16_supported(self) -> bool:
-        return self.bf16
+# The torch.cuda probe is the device seam itself (autotune.device); these names stay
+# for the code and tests that knew it as a probe.
+TorchCudaProbe = CudaDevice
+FakeTorchCudaProbe = FakeCudaDevice
 
 
 # ---------------------------------------------------------------------------- host
-
-
-def _usable_cores() -> int:
-    # Affinity is what a DataLoader's workers can actually run on: under taskset, Slurm
-    # or a cgroup cpuset it is far below os.cpu_count(). Not available on macOS/Windows.
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _cpu_name() -> str:
@@ -474,7 +415,8 @@ class HostProbe:
 
         memory = psutil.virtual_memory()
         return HostInfo(
-            usable_cores=_usable_cores(),
+            usable_cores=usable_cores(),
+            shm_bytes=shm_bytes(),
             logical_cores=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
             physical_cores=psutil.cpu_count(logical=False),
             ram_total_bytes=int(memory.total),
@@ -534,7 +476,7 @@ def torch_info() -> TorchInfo:
         cudnn_version=cudnn_version,
         cuda_available=cuda_available,
         device_count=torch.cuda.device_count() if cuda_available else 0,
-        bf16_supported_cuda=bool(torch.cuda.is_bf16_supported()) if cuda_available else None,
+        bf16_supported_cuda=CudaDevice().bf16_supported(0) if cuda_available else None,
     )
 
 
@@ -574,7 +516,9 @@ def select_gpu(probes: Probes, device_type: str) -> GpuInfo | None:
     if kind != "cuda":
         return None
     if probes.nvml.available():
-        return probes.nvml.gpu(index)
+        gpu = probes.nvml.gpu(index)
+        if gpu is not None:
+            return gpu
     if not probes.cuda.available():
         return None
     free, total = probes.cuda.mem_get_info(index)
@@ -591,18 +535,27 @@ def select_gpu(probes: Probes, device_type: str) -> GpuInfo | None:
 
 
 def device_fingerprint(
-    gpu: GpuInfo | None, host: HostInfo, torch: TorchInfo, device_type: str
+    gpu: GpuInfo | None,
+    host: HostInfo,
+    torch: TorchInfo,
+    device_type: str,
+    cuda_total_bytes: int | None = None,
 ) -> dict[str, Any]:
     """What a tuned file's measurements depend on; a change means they may not hold.
 
     ``device_type`` is reduced to its kind ('cuda:1' -> 'cuda'): two identical cards give
-    the same measurements whatever their index. GPU keys are None on the CPU.
+    the same measurements whatever their index. GPU keys are None on the CPU. The
+    allocator configuration (``PYTORCH_CUDA_ALLOC_CONF``) changes every peak, so it is
+    part of it.
     """
     kind, _ = _parse_device(device_type)
     return {
         "device_type": kind,
         "gpu_name": gpu.name if gpu else None,
-        "gpu_total_bytes": gpu.total_bytes if gpu else None,
+        # torch's own total where known: on a MIG slice NVML's parent view would let a
+        # file tuned on a 3g.40gb slice pass for a 1g.10gb one.
+        "gpu_total_bytes": (cuda_total_bytes or gpu.total_bytes) if gpu else None,
+        "allocator_config": allocator_config() if kind == "cuda" else None,
         "driver_version": gpu.driver_version if gpu else None,
         "torch_version": torch.torch_version,
         "cuda_version": torch.cuda_version,

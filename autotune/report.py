@@ -147,8 +147,10 @@ def recommendation_table(result: TuneResult) -> Table:
         "[bold]training images/s[/]",
         _fmt_rate(comp["seed_default_images_per_s"]),
         _fmt_rate(comp["recommended_images_per_s"]),
-        f"[bold]{comp['speedup']:.2f}x[/] (end to end, median of {len(comp['rounds']['recommended'])} alternated rounds"
-        + (f"; {comp['scope']}" if comp.get("scope") else "") + ")",
+        (f"[bold]{comp['speedup']:.2f}x[/] " if comp.get("speedup") else "")
+        + f"(end to end, median of {len(comp['rounds']['recommended'])} alternated rounds"
+        + (f"; {comp['scope']}" if comp.get("scope") else "")
+        + (f"; {comp['note']}" if comp.get("note") else "") + ")",
     )
     storage = result.tuned.measurements.get("storage") or {}
     if storage.get("limit"):

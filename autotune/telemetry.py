@@ -140,7 +140,7 @@ def nvml_gpu_reader(cuda_index: int, probe: Any = None) -> NvmlGpuReader | None:
     """The reader of the GPU torch calls ``cuda:<cuda_index>``; None without NVML.
 
     Built on :class:`autotune.probes.NvmlProbe` (its initialisation and its CUDA -> NVML
-    index mapping), so that the device seam can take this over without changing callers.
+    mapping, which resolves UUID and MIG entries of CUDA_VISIBLE_DEVICES).
     """
     from autotune.probes import NvmlProbe
 
@@ -149,7 +149,7 @@ def nvml_gpu_reader(cuda_index: int, probe: Any = None) -> NvmlGpuReader | None:
         if not probe.available():
             return None
         nvml = probe._nvml
-        handle = nvml.nvmlDeviceGetHandleByIndex(probe._nvml_index(cuda_index))
+        handle = probe._handle(cuda_index)
     except Exception:  # noqa: BLE001 - no GPU telemetry is never a reason to stop
         return None
     return NvmlGpuReader(nvml, handle)

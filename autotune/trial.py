@@ -2,14 +2,18 @@
 
 One trial builds the real ARWGAN train step (both networks, both Adam optimisers, the
 noise layers) at one batch size and precision, runs warm-up steps (the first allocates
-Adam's state and, on CUDA, lets cuDNN pick kernels), then times a few more with the
-device synchronised around the clock, and reports the peak memory it took.
+Adam's state and, on CUDA, lets cuDNN pick kernels) through every noise layer in turn,
+then times whole cycles of them with the device synchronised around the clock, and
+reports the peak memory it took. cuDNN runs with the trainer's flags.
 
 Peak memory:
 - CUDA: the allocator's peak *reserved* bytes (what the process really holds, not just
-  what tensors use) plus the CUDA context and other non-allocator usage, measured once
-  per process through NVML; the search caps the allocator at the target with
-  ``set_per_process_memory_fraction`` so that an OOM means "past the target".
+  what tensors use) plus the CUDA context and other non-allocator usage, measured
+  through NVML by the tuner (again after the first real step, when cuDNN and cuBLAS
+  have loaded); every CUDA phase caps the allocator at the target with
+  ``set_per_process_memory_fraction`` so that an OOM means "past the target" (an
+  isolated child sets the cap from its spec before its first allocation). Every
+  torch.cuda call goes through the device seam (:mod:`autotune.device`).
 - CPU: the peak resident set of a fresh subprocess that runs only this trial (the only
   honest per-trial peak on a CPU); a watchdog thread ends the child if it grows past the
   limit, so a too-large batch cannot exhaust the machine's RAM.
@@ -54,6 +58,9 @@ class TrialSpec:
     """CUDA: memory the process holds outside the caching allocator (context, cuBLAS...)."""
     threads: int | None = None
     """torch intra-op threads for CPU trials; None keeps torch's default."""
+    memory_fraction: float | None = None
+    """CUDA in a subprocess (``--isolate``): the allocator cap, set in the child before
+    its first allocation, so that an OOM there also means "past the target"."""
 
 
 @dataclass
@@ -87,78 +94,113 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def run_trial(spec: TrialSpec) -> TrialMeasurement:
-    """Run one trial in this process. An OOM is an outcome, not an exception."""
+def _noise_cycle(gan) -> int:
+    """Make the noise layers take turns (0, 1, 2, ... round-robin) instead of a random
+    draw, and return how many there are. A trial then warms up through every layer (their
+    first-use kernel loads land in the warm-up) and times whole cycles, so that every
+    batch size is timed on the same work. Training still draws at random."""
+    noiser = getattr(getattr(gan, "nets", None), "noiser", None)
+    layers = getattr(noiser, "layers", None)
+    if noiser is None or not layers:
+        return 1
+    turn = iter(range(10**9))
+
+    def forward(encoded, cover):
+        return layers[next(turn) % len(layers)](encoded, cover)
+
+    noiser.forward = forward
+    return len(layers)
+
+
+def _trial_body(spec: TrialSpec, device, cuda) -> TrialMeasurement:
+    """The trial itself. A function of its own so that, when it raises, every tensor it
+    made (nets, grads, both Adam states, inputs, results) dies with its frame before the
+    caller empties the cache."""
     import torch
 
     from arwgan.config import ModelConfig, OptimConfig
     from arwgan.step import GANStep
 
-    device = torch.device(spec.device)
     started = time.perf_counter()
-    oom_detail = None
-    objects: dict = {}
+    if spec.threads is not None and device.type == "cpu":
+        torch.set_num_threads(spec.threads)
+    model_cfg = ModelConfig.from_dict(spec.model)
+    if cuda is not None:
+        # Clear first, then reset: blocks cached by the previous trial would otherwise
+        # count in this one's peak.
+        cuda.empty_cache()
+        cuda.synchronize(device.index or 0)
+        cuda.reset_peak(device.index or 0)
+    gan = GANStep(model_cfg, OptimConfig(), spec.precision, device, spec.seed, spec.channels_last)
+    cycle = _noise_cycle(gan)
+    gen = torch.Generator().manual_seed(spec.seed)
+    size, bits = model_cfg.image_size, model_cfg.message_bits
+    images = torch.rand(spec.batch, 3, size, size, generator=gen) * 2 - 1
+    messages = torch.randint(0, 2, (spec.batch, bits), generator=gen).float()
+    images, messages = gan.to_device(images, messages)
+    warmup = max(spec.warmup_steps, cycle) if spec.warmup_steps else 0
+    measure = math.ceil(spec.measure_steps / cycle) * cycle if spec.measure_steps else 0
+    for _ in range(warmup):
+        gan(images, messages)
+    if cuda is not None:
+        cuda.synchronize(device.index or 0)
+    clock = time.perf_counter()
+    finite = True
+    result = None
+    for _ in range(measure):
+        result = gan(images, messages)
+        finite = finite and not result.skipped
+    if cuda is not None:
+        cuda.synchronize(device.index or 0)
+    elapsed = time.perf_counter() - clock
+    losses = {k: float(v) for k, v in result.as_dict().items()} if result is not None else {}
+    finite = finite and all(math.isfinite(v) for v in losses.values())
+    if cuda is not None:
+        peak = cuda.peak_reserved_bytes(device.index or 0) + spec.context_bytes
+    else:
+        peak = _peak_rss_bytes()
+    return TrialMeasurement(
+        batch=spec.batch,
+        ok=True,
+        reason="ok",
+        peak_bytes=peak,
+        images_per_s=spec.batch * measure / elapsed if elapsed > 0 else None,
+        seconds=time.perf_counter() - started,
+        finite=finite,
+        losses=losses,
+    )
+
+
+def run_trial(spec: TrialSpec, cuda=None) -> TrialMeasurement:
+    """Run one trial in this process. An OOM is an outcome, not an exception.
+
+    ``cuda``: the device seam (:class:`autotune.device.CudaDevice` by default on CUDA).
+    """
+    import torch
+
+    from autotune.device import CudaDevice, configure_cudnn
+
+    device = torch.device(spec.device)
+    if device.type == "cuda" and cuda is None:
+        cuda = CudaDevice()
+    configure_cudnn(device.type)  # the trainer's settings, so the figures describe it
+    started = time.perf_counter()
     try:
-        if spec.threads is not None and device.type == "cpu":
-            torch.set_num_threads(spec.threads)
-        model_cfg = ModelConfig.from_dict(spec.model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        gan = objects["gan"] = GANStep(
-            model_cfg, OptimConfig(), spec.precision, device, spec.seed, spec.channels_last
-        )
-        gen = torch.Generator().manual_seed(spec.seed)
-        size, bits = model_cfg.image_size, model_cfg.message_bits
-        images = torch.rand(spec.batch, 3, size, size, generator=gen) * 2 - 1
-        messages = torch.randint(0, 2, (spec.batch, bits), generator=gen).float()
-        images, messages = gan.to_device(images, messages)
-        objects["inputs"] = (images, messages)
-        for _ in range(spec.warmup_steps):
-            gan(images, messages)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        clock = time.perf_counter()
-        finite = True
-        losses = {}
-        for _ in range(spec.measure_steps):
-            result = gan(images, messages)
-            finite = finite and not result.skipped
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - clock
-        losses = {k: float(v) for k, v in result.as_dict().items()} if spec.measure_steps else {}
-        finite = finite and all(math.isfinite(v) for v in losses.values())
-        if device.type == "cuda":
-            peak = int(torch.cuda.max_memory_reserved(device)) + spec.context_bytes
-        else:
-            peak = _peak_rss_bytes()
-        images_per_s = spec.batch * spec.measure_steps / elapsed if elapsed > 0 else None
-        return TrialMeasurement(
-            batch=spec.batch,
-            ok=True,
-            reason="ok",
-            peak_bytes=peak,
-            images_per_s=images_per_s,
-            seconds=time.perf_counter() - started,
-            finite=finite,
-            losses=losses,
-        )
+        return _trial_body(spec, device, cuda if device.type == "cuda" else None)
     except Exception as exc:  # noqa: BLE001 - classified right below
         if not is_oom(exc):
             raise
-        # Keep only text: the exception's traceback holds frames that hold tensors.
-        oom_detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        # Keep only text: the traceback holds the body's frame, which holds the tensors.
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     finally:
-        objects.clear()
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            cuda.empty_cache()
     return TrialMeasurement(
         batch=spec.batch,
         ok=False,
         reason="oom",
-        detail=oom_detail or "",
+        detail=detail,
         seconds=time.perf_counter() - started,
     )
 
@@ -185,6 +227,14 @@ def _worker_main() -> None:
     spec = TrialSpec(**json.loads(sys.stdin.read()))
     if spec.memory_limit_bytes:
         _watchdog(spec.memory_limit_bytes)
+    if spec.device.startswith("cuda"):
+        from autotune.device import CudaDevice
+
+        index = int(spec.device.partition(":")[2] or 0)
+        cuda = CudaDevice()
+        cuda.set_device(index)
+        if spec.memory_fraction is not None:
+            cuda.set_memory_fraction(spec.memory_fraction, index)
     measurement = run_trial(spec)
     print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
 

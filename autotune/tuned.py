@@ -241,6 +241,7 @@ _DEVICE_KEYS = (
     ("driver_version", "driver"),
     ("torch_version", "torch"),
     ("cuda_version", "cuda"),
+    ("allocator_config", "PYTORCH_CUDA_ALLOC_CONF"),
     ("usable_cores", "usable cores"),
     ("cpu_name", "cpu"),
 )
@@ -334,7 +335,8 @@ def check_tuned(
 
 
 def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
-    """``base`` with the tuned loader, precision, learning rates, memory format and model.
+    """``base`` with the tuned loader, precision, learning rates, memory format, model and
+    (CUDA) the allocator cap that holds training under the tuned memory target.
 
     The model comes from the file because the measurements are only valid for it;
     explicit command-line flags are applied by the caller afterwards, and
@@ -357,7 +359,20 @@ def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
         ),
         precision=choice.precision,
         channels_last=choice.channels_last,
+        allocator_limit_bytes=_allocator_limit(tuned),
     )
+
+
+def _allocator_limit(tuned: TunedFile) -> int | None:
+    """The allocator's share of the tuned memory target (the target less the context the
+    tuner measured), for a CUDA file; None for a CPU one or a file without the figures."""
+    if tuned.device.get("device_type") != "cuda":
+        return None
+    target = tuned.measurements.get("target_bytes")
+    context = tuned.measurements.get("context_bytes") or 0
+    if not _is_int(target) or not _is_int(context) or target - context <= 0:
+        return None
+    return target - context
 
 
 def rescale_for_world_size(

@@ -58,9 +58,11 @@ from autotune.decisions import (
     scale_lr,
     warmup_steps_for,
 )
+from autotune.device import cap_fraction, memory_capped
 from autotune.measure import loader_images_per_s, training_images_per_s
 from autotune.memory import format_bytes, parse_target_mem
-from autotune.probes import Probes, device_fingerprint, real_probes, torch_info
+from autotune.oom import is_oom
+from autotune.probes import Probes, device_fingerprint, real_probes, select_gpu, torch_info
 from autotune.search import SearchConfig, SearchError, SearchResult, search_batch
 from autotune.trial import TrialMeasurement, TrialSpec, run_trial, run_trial_subprocess
 from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
@@ -189,6 +191,14 @@ def combine_rank_precisions(
     return combined
 
 
+def tuner_timeout_s(cfg: TuneConfig) -> float:
+    """How long a collective may wait under torchrun while tuning. Ranks search on their
+    own (up to ``max_trials`` trials of up to 3 budgets each, then workers and the
+    comparison) and meet only between phases: a rank can be far behind the others
+    without anything being wrong, and the 600 s of training would kill the job."""
+    return float(cfg.max_trials * (3 * cfg.trial_budget_s + 60) + 1800)
+
+
 def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
     """0, 1, 2, 4, ... up to the usable cores, plus one oversubscribed count (2x cores, at
     least the seed's 4), because whether oversubscription pays is measured, not assumed."""
@@ -219,11 +229,33 @@ class Tuner:
         self.cfg = cfg
         self.probes = probes or real_probes()
         self.report = report or (lambda message: None)
-        self.device = resolve_device(cfg.device)
+        self.cuda = self.probes.cuda
+        """The device seam: every torch.cuda call of the tuner goes through it."""
+        self.device = self._resolve(cfg.device)
+        self.index = self.device.index or 0
         self.dist = dist if dist is not None else single_process(self.device)
+        if self.device.type == "cuda" and not self.dist.distributed:
+            # One set_device for cuda:N: the pin-memory thread and every call without an
+            # explicit device would otherwise use cuda:0 (a stray context there).
+            self.cuda.set_device(self.index)
         self.warnings: list[str] = []
         self.context_bytes = 0
+        self._context_remeasured = False
         self._datasets = None
+        self.trials_run: list[TrialMeasurement] = []
+
+    def _resolve(self, name: str) -> torch.device:
+        """``resolve_device``, except that an explicit cuda device is checked against the
+        seam (so that a fake CUDA device drives every CUDA branch on a CPU)."""
+        if name.startswith("cuda") and self.cuda.available():
+            try:
+                device = torch.device(name)
+            except RuntimeError:
+                return resolve_device(name)
+            if device.index is not None and device.index >= self.cuda.device_count():
+                return resolve_device(name)
+            return device
+        return resolve_device(name)
 
     # -- phase 1: the machine and the target -------------------------------------------------
     def probe(self) -> dict:
@@ -231,18 +263,24 @@ class Tuner:
         self.host = host
         self.gpu = None
         if self.device.type == "cuda":
-            index = self.device.index or 0
-            torch.zeros(1, device=self.device)  # create the context so that it can be measured
-            if self.probes.nvml.available():
-                self.gpu = self.probes.nvml.gpu(index)
-                own = self.probes.nvml.process_used_bytes(index)
-                if own is not None:
-                    # Context, cuBLAS/cuDNN workspaces: held by the process, unseen by the allocator.
-                    self.context_bytes = max(0, own - self.probes.cuda.reserved_bytes(index))
-            else:
+            index = self.index
+            nvml = self.probes.nvml
+            # Device-wide NVML 'used' before this process has a context: the fallback
+            # for measuring our own usage where NVML does not list our PID.
+            self._device_used_before = nvml.device_used_bytes(index) if nvml.available() else None
+            self.cuda.init_context(index)  # create the context so that it can be measured
+            self.gpu = select_gpu(self.probes, str(self.device))
+            if not nvml.available():
                 self.warnings.append("NVML unavailable: GPU memory read from torch only")
-        self.torch = torch_info()
-        self.fingerprint = device_fingerprint(self.gpu, host, self.torch, self.device.type)
+            elif getattr(nvml, "last_error", None):
+                self.warnings.append(f"NVML failed after init ({nvml.last_error}): "
+                                     "GPU memory read from torch only")
+            self._measure_context()
+        self.torch = self.probes.torch()
+        self.fingerprint = device_fingerprint(
+            self.gpu, host, self.torch, self.device.type,
+            cuda_total_bytes=self.cuda.total_bytes(self.index) if self.device.type == "cuda" else None,
+        )
         self.machine = {
             "device": str(self.device),
             "host": asdict(host),
@@ -252,10 +290,35 @@ class Tuner:
         }
         return self.machine
 
+    def _measure_context(self) -> None:
+        """Memory this process holds outside the caching allocator (CUDA context, cuDNN and
+        cuBLAS handles and kernels, NCCL buffers): NVML's usage for our PID minus what the
+        allocator reserved. Called once at the start and again after the first real
+        trial, since with lazy module loading the libraries arrive with the first step.
+        Where NVML does not list our PID (a container without the host PID namespace,
+        MPS) the change in the device's 'used' stands in, with a warning."""
+        nvml = self.probes.nvml
+        if not nvml.available():
+            return
+        own = nvml.process_used_bytes(self.index)
+        reserved = self.cuda.reserved_bytes(self.index)
+        if own:
+            self.context_bytes = max(self.context_bytes, own - reserved)
+            return
+        used = nvml.device_used_bytes(self.index)
+        before = getattr(self, "_device_used_before", None)
+        if used is None or before is None:
+            return
+        self.context_bytes = max(self.context_bytes, used - before - reserved)
+        note = ("NVML does not list this process (container PID namespace, MPS or MIG): "
+                "its memory outside the allocator is estimated from the device's change "
+                "in use, which other processes can disturb")
+        if note not in self.warnings:
+            self.warnings.append(note)
+
     def target_bytes(self) -> int:
         if self.device.type == "cuda":
-            index = self.device.index or 0
-            free, total = self.probes.cuda.mem_get_info(index)
+            free, total = self.cuda.mem_get_info(self.index)
             used = total - free
             default = "90%"
         else:
@@ -282,26 +345,45 @@ class Tuner:
             seed=self.cfg.seed,
             memory_limit_bytes=self.target if self.device.type == "cpu" else None,
             context_bytes=self.context_bytes,
+            memory_fraction=self._fraction() if self.device.type == "cuda" else None,
         )
 
     def trial(self, batch: int, precision: str) -> TrialMeasurement:
         spec = self._spec(batch, precision)
         self.report(f"trial: batch {batch}, {precision}")
-        if self.device.type == "cpu" or self.cfg.isolate:
-            measurement = run_trial_subprocess(spec, timeout_s=3 * self.cfg.trial_budget_s + 60)
-        else:
-            measurement = run_trial(spec)
+        measurement = self._execute(spec)
+        if self.device.type == "cuda" and not self.cfg.isolate and not self._context_remeasured:
+            # The first real step loaded cuDNN/cuBLAS: measure the context again, fix this
+            # trial's peak, and tighten the cap for every later allocation.
+            self._context_remeasured = True
+            before = self.context_bytes
+            self._measure_context()
+            if measurement.ok and measurement.peak_bytes is not None:
+                measurement.peak_bytes += self.context_bytes - before
+            if self._capped:
+                self.cuda.set_memory_fraction(self._fraction(), self.index)
         self.trials_run.append(measurement)
         return measurement
+
+    def _execute(self, spec: TrialSpec) -> TrialMeasurement:
+        """Run one trial (in this process, or in a fresh one on the CPU or with --isolate)."""
+        if self.device.type == "cpu" or self.cfg.isolate:
+            return run_trial_subprocess(spec, timeout_s=3 * self.cfg.trial_budget_s + 60)
+        return run_trial(spec, self.cuda)
 
     # -- phase 2: precision ----------------------------------------------------------------------
     def precision_candidates(self) -> list[str]:
         if self.cfg.precision is not None:
-            check_precision(self.cfg.precision, self.device)
+            if self.cfg.precision == "bf16" and self.device.type == "cuda":
+                if not self.cuda.bf16_supported(self.index):
+                    raise ConfigError("precision bf16 is not supported natively by this GPU "
+                                      "(compute capability below 8.0); use fp16 or fp32")
+            else:
+                check_precision(self.cfg.precision, self.device)
             return [self.cfg.precision]
         if self.device.type == "cuda":
             candidates = ["fp32", "fp16"]
-            if torch.cuda.is_bf16_supported():
+            if self.cuda.bf16_supported(self.index):  # native only: capability 8.0+
                 candidates.insert(1, "bf16")
             return candidates
         return ["fp32", "bf16"]  # CPU autocast in bf16 is real on CPUs with AVX512-BF16/AMX
@@ -310,7 +392,8 @@ class Tuner:
         batch = max(self.cfg.start_batch, min(REFERENCE_BATCH, self.cfg.max_batch))
         results = []
         for precision in self.precision_candidates():
-            m = self.trial(batch, precision)
+            with self._memory_capped():
+                m = self.trial(batch, precision)
             results.append(
                 PrecisionMeasurement(
                     precision=precision,
@@ -337,21 +420,27 @@ class Tuner:
         with self._memory_capped():
             return search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg)
 
+    def _fraction(self) -> float:
+        """The allocator's cap: the target less what the process holds outside it."""
+        total = self.cuda.mem_get_info(self.index)[1]
+        return cap_fraction(self.target, self.context_bytes, total)
+
     @contextlib.contextmanager
     def _memory_capped(self):
-        capped = self.device.type == "cuda" and not self.cfg.isolate
-        index = self.device.index or 0
-        if capped:
-            total = self.probes.cuda.mem_get_info(index)[1]
-            # Make the allocator fail at the target rather than at the card's limit, so
-            # that "close to OOM" means "close to the target".
-            fraction = (self.target - self.context_bytes) / total
-            self.probes.cuda.set_memory_fraction(max(0.01, min(1.0, fraction)), index)
-        try:
+        """Hold this process's allocator under the target for one CUDA phase, then put
+        back whatever cap was in force before. With --isolate the children get the cap
+        in their spec instead (:attr:`TrialSpec.memory_fraction`)."""
+        if self.device.type != "cuda" or self.cfg.isolate or self._capped:
             yield
+            return
+        self._capped = True
+        try:
+            with memory_capped(self.cuda, self.index, self._fraction()):
+                yield
         finally:
-            if capped:
-                self.probes.cuda.set_memory_fraction(1.0, index)
+            self._capped = False
+
+    _capped = False
 
     def verify_batch(self, batch: int, precision: str):
         """One trial at ``batch`` as the search would classify it (``over_target`` when
@@ -393,6 +482,7 @@ class Tuner:
         cores = max(1, self.host.usable_cores // self.dist.local_world_size)
         candidates = worker_candidates(cores, self.cfg.max_workers)
         steps = self.steps_for(batch, self.cfg.worker_steps)
+        shm_limit = self._shm_worker_limit(batch)
         gan = None if cuda else self._gan(precision, batch)
         results: list[WorkerMeasurement] = []
 
@@ -400,21 +490,29 @@ class Tuner:
             loader_cfg = LoaderConfig(batch, workers, pin_memory=cuda, persistent_workers=workers > 0,
                                       prefetch_factor=prefetch)
             self.report(f"workers: {workers}, prefetch {prefetch}")
-            loader = self._loader(loader_cfg, steps + workers * (prefetch or 0) + 4)
-            if cuda:
-                speed = loader_images_per_s(loader, steps)
-            else:
-                speed = training_images_per_s(gan, loader, steps)
-            del loader
-            m = WorkerMeasurement(workers=workers, prefetch_factor=loader_cfg.prefetch_factor, images_per_s=speed)
+            # At least three rounds of workers: DataLoader hands work out round-robin and
+            # returns it in order, so workers finish in waves; a window shorter than a
+            # few waves times the wave, not the rate.
+            timed = max(steps, 3 * workers)
+            try:
+                speed, error = self._worker_speed(gan, loader_cfg, timed), ""
+            except Exception as exc:  # noqa: BLE001 - one candidate's failure, recorded
+                if not (_is_worker_failure(exc) or is_oom(exc)):
+                    raise
+                speed, error = 0.0, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            m = WorkerMeasurement(workers=workers, prefetch_factor=loader_cfg.prefetch_factor,
+                                  images_per_s=speed, error=error)
             results.append(m)
             return m
 
-        for workers in candidates:
-            measure(workers, 2 if workers else None)
-        best = choose_workers(results, consumption)
-        if best.workers > 0:
-            measure(best.workers, 4)  # does a deeper queue help the chosen count?
+        with self._memory_capped():
+            for workers in candidates:
+                if shm_limit is not None and workers * 2 > shm_limit:
+                    continue  # its batches in flight would not fit in /dev/shm
+                measure(workers, 2 if workers else None)
+            best = choose_workers(results, consumption)
+            if best.workers > 0 and (shm_limit is None or best.workers * 4 <= shm_limit):
+                measure(best.workers, 4)  # does a deeper queue help the chosen count?
         del gan
         gc.collect()
         return results
@@ -432,6 +530,27 @@ class Tuner:
             self.warnings.append(limit)
         return {**rate.as_dict(), "limit": limit}
 
+    def _shm_worker_limit(self, batch: int) -> int | None:
+        """How many batches may be in flight through /dev/shm (workers x prefetch), half of
+        it left for everything else; None where /dev/shm is unknown. Docker and
+        Kubernetes default to 64 MiB: past it, a worker dies of SIGBUS."""
+        shm = getattr(self.host, "shm_bytes", None)
+        if shm is None:
+            return None
+        size = self.cfg.model.image_size
+        batch_bytes = batch * (3 * size * size * 4 + self.cfg.model.message_bits * 4)
+        return max(0, (shm // 2) // max(1, batch_bytes))
+
+    def _worker_speed(self, gan, loader_cfg: LoaderConfig, steps: int) -> float:
+        """images/s of one worker setting: the loader alone on CUDA, end to end on CPU."""
+        loader = self._loader(loader_cfg, steps + loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0) + 4)
+        try:
+            if gan is None:
+                return loader_images_per_s(loader, steps)
+            return training_images_per_s(gan, loader, steps, sync=self._sync)
+        finally:
+            del loader
+
     def steps_for(self, batch: int, max_steps: int) -> int:
         return max(3, min(max_steps, math.ceil(self.cfg.measure_images / batch)))
 
@@ -442,32 +561,64 @@ class Tuner:
     # -- phase 6: seed default vs recommendation -------------------------------------------------
     def compare(self, recommended: TrainConfig) -> dict:
         """Alternate the seed default and the recommendation, each trained end to end on
-        the same data for about the same number of images; the median of the rounds counts."""
+        the same data for about the same number of images; the median of the rounds counts.
+
+        Under the memory target like every other phase. A configuration that does not
+        fit there (the seed default is fp32 at batch 16) is reported in a sentence, not
+        raised: the search result stands."""
         configs = {
             "seed_default": (SEED_LOADER, SEED_PRECISION),
             "recommended": (recommended.loader, recommended.precision),
         }
         speeds: dict[str, list[float]] = {name: [] for name in configs}
-        for round_index in range(self.cfg.compare_rounds):
-            for name, (loader_cfg, precision) in configs.items():
-                self.report(f"compare: {name} (round {round_index + 1})")
-                steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
-                gan = self._gan(precision, loader_cfg.batch_size)
-                depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
-                loader = self._loader(loader_cfg, steps + depth + 4)
-                speeds[name].append(training_images_per_s(gan, loader, steps))
-                del gan, loader
-                gc.collect()
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        seed = statistics.median(speeds["seed_default"])
-        rec = statistics.median(speeds["recommended"])
-        return {
+        failed: dict[str, str] = {}
+        with self._memory_capped():
+            for round_index in range(self.cfg.compare_rounds):
+                for name, (loader_cfg, precision) in configs.items():
+                    if name in failed:
+                        continue
+                    self.report(f"compare: {name} (round {round_index + 1})")
+                    steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
+                    try:
+                        speeds[name].append(self._train_speed(loader_cfg, precision, steps))
+                    except Exception as exc:  # noqa: BLE001 - an OOM is an outcome
+                        if not is_oom(exc):
+                            raise
+                        failed[name] = str(exc).splitlines()[0][:160] if str(exc) else "out of memory"
+                    finally:
+                        self._release()
+        seed = statistics.median(speeds["seed_default"]) if speeds["seed_default"] else None
+        rec = statistics.median(speeds["recommended"]) if speeds["recommended"] else None
+        result = {
             "seed_default_images_per_s": seed,
             "recommended_images_per_s": rec,
-            "speedup": rec / seed if seed > 0 else math.nan,
+            "speedup": rec / seed if seed and rec else None,
             "rounds": speeds,
         }
+        if failed:
+            words = {"seed_default": f"the seed default (batch {SEED_LOADER.batch_size}, {SEED_PRECISION})",
+                     "recommended": "the recommendation"}
+            result["note"] = "; ".join(
+                f"{words[name]} does not fit under {format_bytes(self.target)}" for name in failed
+            )
+            self.warnings.append(result["note"])
+        return result
+
+    def _train_speed(self, loader_cfg: LoaderConfig, precision: str, steps: int) -> float:
+        """End-to-end images/s of one configuration: a fresh GAN fed by a fresh loader."""
+        gan = self._gan(precision, loader_cfg.batch_size)
+        depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
+        loader = self._loader(loader_cfg, steps + depth + 4)
+        return training_images_per_s(gan, loader, steps, sync=self._sync)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.cuda.synchronize(self.index)
+
+    def _release(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            self.cuda.empty_cache()
 
     # -- the whole job ---------------------------------------------------------------------------
     def prepare(self) -> dict:
@@ -480,6 +631,12 @@ class Tuner:
         return machine
 
     def run(self) -> TuneResult:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> TuneResult:
         cfg = self.cfg
         started = time.perf_counter()
         self.trials_run: list[TrialMeasurement] = []
@@ -628,28 +785,31 @@ class Tuner:
             ),
         )
 
+    def close(self) -> None:
+        """Hand NVML back (``nvmlShutdown``)."""
+        self.probes.nvml.close()
+
     def _device_identity(self) -> dict:
         """Name and memory of this rank's GPU (NVML, else torch), for the per-rank record."""
         if self.gpu is not None:
             return {"gpu_name": self.gpu.name, "gpu_total_bytes": self.gpu.total_bytes}
         if self.device.type != "cuda":
             return {"gpu_name": None, "gpu_total_bytes": None}
-        index = self.device.index or 0
         return {
-            "gpu_name": self.probes.cuda.device_name(index),
-            "gpu_total_bytes": self.probes.cuda.mem_get_info(index)[1],
+            "gpu_name": self.cuda.device_name(self.index),
+            "gpu_total_bytes": self.cuda.total_bytes(self.index),
         }
 
     def _process_memory(self) -> dict | None:
         if self.device.type != "cuda":
             return None
-        index = self.device.index or 0
-        gc.collect()
-        torch.cuda.empty_cache()
-        nvml = self.probes.nvml.process_used_bytes(index) if self.probes.nvml.available() else None
+        # empty_cache through the seam also frees cuBLAS's workspaces, as torch's own
+        # leak checker does: they come from the allocator and would read as a leak.
+        self.cuda.empty_cache()
+        nvml = self.probes.nvml.process_used_bytes(self.index) if self.probes.nvml.available() else None
         return {
-            "torch_reserved_bytes": self.probes.cuda.reserved_bytes(index),
-            "torch_allocated_bytes": self.probes.cuda.allocated_bytes(index),
+            "torch_reserved_bytes": self.cuda.reserved_bytes(self.index),
+            "torch_allocated_bytes": self.cuda.allocated_bytes(self.index),
             "nvml_process_bytes": nvml,
         }
 
@@ -657,15 +817,22 @@ class Tuner:
 def slowest_rank_comparison(per_rank: list[dict]) -> dict:
     """Every rank's :meth:`Tuner.compare` as one: each configuration's slowest rank
     (every DDP step waits for it); the rounds shown are rank 0's."""
-    seed = min(c["seed_default_images_per_s"] for c in per_rank)
-    rec = min(c["recommended_images_per_s"] for c in per_rank)
-    return {
+    def slowest(key: str) -> float | None:
+        values = [c[key] for c in per_rank]
+        return None if None in values else min(values)
+
+    seed, rec = slowest("seed_default_images_per_s"), slowest("recommended_images_per_s")
+    combined = {
         "seed_default_images_per_s": seed,
         "recommended_images_per_s": rec,
-        "speedup": rec / seed if seed > 0 else math.nan,
+        "speedup": rec / seed if seed and rec else None,
         "rounds": per_rank[0]["rounds"],
         "scope": f"per process, slowest of {len(per_rank)} ranks, without DDP communication",
     }
+    notes = sorted({c["note"] for c in per_rank if c.get("note")})
+    if notes:
+        combined["note"] = "; ".join(notes)
+    return combined
 
 
 class _Wrapped(torch.utils.data.Dataset):
@@ -693,3 +860,13 @@ def _tool_version() -> str:
 
 def tune(cfg: TuneConfig, probes: Probes | None = None, report: Report | None = None) -> TuneResult:
     return Tuner(cfg, probes, report).run()
+
+
+def _is_worker_failure(exc: BaseException) -> bool:
+    """A DataLoader worker that died (SIGBUS when /dev/shm is full, killed by the OOM
+    killer) or a loader that timed out: that candidate failed, the tuning goes on."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "DataLoader worker" in text or "unexpected bus error" in text.lower()
+        or "shared memory" in text.lower()
+    )

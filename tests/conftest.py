@@ -49,6 +49,7 @@ def tiny_config(
     lr: float = 1e-3,
     precision: str = "fp32",
     seed: int = 0,
+    device: str = "cpu",
     **train_fields,
 ) -> TrainConfig:
     """A TrainConfig small enough for a 2-core CPU: a step takes a few milliseconds."""
@@ -59,7 +60,7 @@ def tiny_config(
         loader=LoaderConfig(batch_size=batch_size, num_workers=0),
         optim=OptimConfig(lr_g=lr, lr_d=lr),
         precision=precision,
-        device="cpu",
+        device=device,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         val_images=val_images,
@@ -98,7 +99,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Tests marked ``gpu`` skip cleanly where CUDA is absent (CI, this 2-core box)."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not any("gpu" in item.keywords for item in items):
+        return
+    from arwgan.errors import GpuNotUsable
+    from arwgan.step import check_gpu_usable
+
+    reason = f"needs a CUDA GPU (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    try:
+        check_gpu_usable()
+    except GpuNotUsable as exc:  # a GPU is there, this torch cannot use it: say why
+        reason = f"needs a CUDA GPU torch can use: {exc}"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

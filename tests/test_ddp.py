@@ -409,8 +409,12 @@ def _sync_bn_worker(rank: int, cfg_dict: dict, out_dir: Path) -> None:
     ctx = DistContext(rank=rank, local_rank=rank, world_size=2, local_world_size=2,
                       backend="gloo", device=device)
     try:
-        trainer = Trainer(TrainConfig.from_dict(cfg_dict), Console(file=io.StringIO()), ctx)
-        trainer.fit()
+        # cuDNN flags are per process: set here, in the spawned worker, not in the parent.
+        # Deterministic algorithms and no benchmark (the trainer leaves benchmark off when
+        # deterministic is set), so both ranks and the single process run the same kernels.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            trainer = Trainer(TrainConfig.from_dict(cfg_dict), Console(file=io.StringIO()), ctx)
+            trainer.fit()
         if rank == 0:
             torch.save({k: v.cpu() for k, v in trainer.gan.nets.state_dict().items()},
                        out_dir / "ddp.pt")
@@ -424,20 +428,26 @@ def test_sync_bn_two_ranks_match_one_process_over_the_global_batch(make_config, 
     """SyncBatchNorm normalises over both ranks' 4 images, and DDP averages the two
     ranks' mean losses: the step equals one process's over the 8 images (rank 0 gets
     items 0, 2, 4, 6 of the epoch's order, rank 1 the odd ones) at the same lr."""
-    torch.backends.cudnn.deterministic = True
     common = dict(device="cuda", steps_per_epoch=3, val_images=8)
     ddp_cfg = make_config(out_dir=tmp_path / "ddp", batch_size=4, sync_bn=True, **common)
     run_two_ranks(_sync_bn_worker, ddp_cfg.to_dict(), tmp_path)
     single_cfg = make_config(out_dir=tmp_path / "single", batch_size=8, **common)
-    trainer = Trainer(single_cfg, Console(file=io.StringIO()))
-    trainer.fit()
+    # The same flags as in the workers, restored afterwards (they used to leak into later tests).
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        trainer = Trainer(single_cfg, Console(file=io.StringIO()))
+        trainer.fit()
     single = {k: v.cpu() for k, v in trainer.gan.nets.state_dict().items()}
     ddp = torch.load(tmp_path / "ddp.pt")
     params = [k for k in single if not k.endswith("num_batches_tracked")]
-    # Float sums in another order, amplified a little by Adam: close, not bit-equal. An
-    # unsynchronised BatchNorm is off by about one Adam step (1e-3).
-    assert_same_tensors({k: ddp[k] for k in params}, {k: single[k] for k in params},
-                        exact=False, atol=2e-4)
+    # Float sums in another order: close, not bit-equal. Adam divides each gradient by
+    # its own magnitude, so a near-zero gradient whose sign flips with the summation
+    # order moves its weight by a whole step (lr 1e-3) the other way: a few elements may
+    # differ by up to 2 x lr x steps. An unsynchronised BatchNorm is off by about one
+    # Adam step in most elements; so at most 1 % of each tensor may differ by > 2e-4.
+    for key in params:
+        diff = (ddp[key].float() - single[key].float()).abs()
+        assert diff.max() <= 2 * 1e-3 * 3 + 1e-6, key
+        assert (diff > 2e-4).float().mean() <= 0.01, (key, (diff > 2e-4).float().mean())
 
 
 # -- the tuner under two ranks ----------------------------------------------------------

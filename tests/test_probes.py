@@ -80,8 +80,7 @@ def test_real_nvml_probe_never_raises():
     else:  # this CPU-only machine: no driver, no library
         assert probe.gpus() == []
         assert probe.process_used_bytes(0) is None
-        with pytest.raises(IndexError):
-            probe.gpu(0)
+        assert probe.gpu(0) is None
 
 
 def test_real_torch_info_is_consistent():
@@ -108,6 +107,7 @@ def fake_pynvml(
     init_error: bool = False,
     process_error: bool = False,
     name_as_bytes: bool = True,
+    fail_after_init: BaseException | None = None,
 ) -> types.ModuleType:
     """A stand-in for ``pynvml`` with the calls NvmlProbe makes; counts nvmlInit calls."""
     m = types.ModuleType("pynvml")
@@ -142,9 +142,35 @@ def fake_pynvml(
         name = devices[handle]["name"]
         return name.encode() if name_as_bytes else name
 
+    def by_uuid(uuid):
+        for index, spec in enumerate(devices):
+            if spec.get("uuid", f"GPU-{index:08d}") == uuid:
+                return index
+            for mig_index, mig in enumerate(spec.get("migs", [])):
+                if mig["uuid"] == uuid:
+                    devices.append({**spec, **mig, "migs": []})
+                    return len(devices) - 1
+        raise FakeNVMLError("Not Found")
+
+    def after_init(function):
+        def call(*args, **kwargs):
+            if fail_after_init is not None:
+                raise fail_after_init
+            return function(*args, **kwargs)
+        return call
+
+    count = len(devices)
     m.nvmlInit = nvmlInit
-    m.nvmlDeviceGetCount = lambda: len(devices)
-    m.nvmlDeviceGetHandleByIndex = lambda index: index
+    m.shutdown_calls = 0
+
+    def nvmlShutdown():
+        m.shutdown_calls += 1
+
+    m.nvmlShutdown = nvmlShutdown
+    m.nvmlDeviceGetCount = after_init(lambda: count)
+    m.nvmlDeviceGetHandleByIndex = after_init(lambda index: index)
+    m.nvmlDeviceGetHandleByUUID = after_init(by_uuid)
+    m.nvmlDeviceGetUUID = after_init(lambda handle: devices[handle].get("uuid", f"GPU-{handle:08d}"))
     m.nvmlDeviceGetName = get_name
     m.nvmlDeviceGetMemoryInfo = get_memory
     m.nvmlDeviceGetComputeRunningProcesses = get_processes
@@ -258,7 +284,8 @@ def test_nvml_init_once_across_calls(install_pynvml):
         ("2,0", ["gpu2", "gpu0"]),
         ("1,7,0", ["gpu1"]),  # CUDA ignores everything from the first invalid entry
         ("", []),  # an empty value hides every device
-        ("GPU-5f1a2b3c-0000-1111-2222-333344445555", ["gpu0", "gpu1", "gpu2"]),  # UUIDs: identity
+        ("GPU-00000002,GPU-00000000", ["gpu2", "gpu0"]),  # UUIDs resolve through NVML
+        ("GPU-00000001,GPU-nowhere", ["gpu1"]),  # and stop at the first unknown one
     ],
 )
 def test_nvml_honours_cuda_visible_devices(install_pynvml, monkeypatch, visible, expected_names):
@@ -270,11 +297,48 @@ def test_nvml_honours_cuda_visible_devices(install_pynvml, monkeypatch, visible,
     assert [g.index for g in gpus] == list(range(len(expected_names)))
 
 
-def test_nvml_gpu_index_out_of_range(install_pynvml, monkeypatch):
+def test_nvml_gpu_index_out_of_range_is_no_reading(install_pynvml, monkeypatch):
     install_pynvml(fake_pynvml([device(), device()]))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    with pytest.raises(IndexError, match="cuda:1"):
-        NvmlProbe().gpu(1)
+    probe = NvmlProbe()
+    assert probe.gpu(1) is None
+    assert "cuda:1" in probe.last_error
+
+
+def test_nvml_mig_uuid_reads_the_slice_not_the_card(install_pynvml, monkeypatch):
+    """gpu-review #10: MIG-<uuid> used to fall back to index 0, the whole card."""
+    card = device(name="NVIDIA A100-SXM4-80GB", uuid="GPU-aaaa",
+                  migs=[{"uuid": "MIG-bbbb", "name": "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
+                         "total": 40 * GiB, "free": 39 * GiB, "used": GiB}])
+    install_pynvml(fake_pynvml([card]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-bbbb")
+    gpu = NvmlProbe().gpu(0)
+    assert (gpu.name, gpu.total_bytes) == ("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40 * GiB)
+
+
+class NVMLLibraryMismatchError(Exception):
+    """pynvml's own, deliberately not an NVMLError subclass."""
+
+
+@pytest.mark.parametrize("error", [FakeNVMLError("GPU is lost"), NVMLLibraryMismatchError("mismatch")])
+def test_nvml_errors_after_init_are_no_reading_never_a_crash(install_pynvml, error):
+    """gpu-review #14: errors after a successful init used to escape the probe."""
+    install_pynvml(fake_pynvml([device()], fail_after_init=error))
+    probe = NvmlProbe()
+    assert probe.available()
+    assert probe.gpus() == [] and probe.gpu(0) is None
+    assert probe.process_used_bytes(0) is None and probe.device_used_bytes(0) is None
+    assert type(error).__name__ in probe.last_error
+
+
+def test_nvml_close_shuts_nvml_down_and_a_later_call_initialises_again(install_pynvml):
+    """gpu-review #21: nvmlShutdown was never called."""
+    module = install_pynvml(fake_pynvml([device()]))
+    probe = NvmlProbe()
+    assert probe.gpus()
+    probe.close()
+    assert module.shutdown_calls == 1
+    assert probe.gpus() and module.init_calls == 2
 
 
 # ------------------------------------------------------------ fakes and bundle
@@ -289,7 +353,9 @@ def fake_probes(gpus: list[GpuInfo]) -> Probes:
     )
 
 
-def test_device_fingerprint_gpu_and_cpu():
+def test_device_fingerprint_gpu_and_cpu(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     assert device_fingerprint(make_gpu(1), HOST, TORCH, "cuda:1") == {
         "device_type": "cuda",
         "gpu_name": "NVIDIA H100 80GB HBM3",
@@ -297,6 +363,7 @@ def test_device_fingerprint_gpu_and_cpu():
         "driver_version": "550.54.15",
         "torch_version": "2.5.1+cu124",
         "cuda_version": "12.4",
+        "allocator_config": None,
         "usable_cores": 8,
         "cpu_name": "Test CPU 9000",
     }
@@ -342,5 +409,15 @@ def test_fake_torch_cuda_probe_tracks_peaks_like_the_allocator():
     cuda.reset_peak(0)
     assert cuda.peak_reserved_bytes(0) == GiB
     cuda.set_memory_fraction(0.25, 0)
-    assert cuda.memory_fraction == 0.25
-    assert cuda.mem_get_info(0) == (16 * GiB, 16 * GiB)
+    assert cuda.memory_fraction(0) == 0.25
+    assert cuda.mem_get_info(0) == (15 * GiB, 16 * GiB)  # the GiB still reserved is in use
+
+
+def test_fingerprint_records_the_allocator_config_and_torchs_total(monkeypatch):
+    """gpu-review #4 and #10: PYTORCH_CUDA_ALLOC_CONF changes every peak, and on a MIG
+    slice torch's total (the slice's) is the one that matters."""
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    fp = device_fingerprint(make_gpu(0), HOST, TORCH, "cuda", cuda_total_bytes=40 * GiB)
+    assert fp["allocator_config"] == "expandable_segments:True"
+    assert fp["gpu_total_bytes"] == 40 * GiB
+    assert device_fingerprint(None, HOST, TORCH, "cpu")["allocator_config"] is None
