@@ -380,7 +380,7 @@ def test_build_datasets_without_a_folder_uses_the_synthetic_set(
 
 
 def test_synthetic_layout_and_files(tiny_synthetic):
-    assert tiny_synthetic.name == "synthetic-v1-s0-n12-v4-40"
+    assert tiny_synthetic.name == "synthetic-v2-s0-n12-v4-40"
     train, val, layout = find_image_files(tiny_synthetic)
     assert layout == "HiDDeN" and len(train) == 12 and len(val) == 4
     assert {p.parent.name for p in train + val} == {"synthetic"}
