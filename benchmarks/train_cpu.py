@@ -79,8 +79,7 @@ VARIANTS = {
         Variant(
             "best",
             {"residual_zero_mean": True, "weights": {"adversarial": 0.0}},
-            {"lr_g": 3e-3},
-            what="zero_mean + no discriminator + generator lr 3e-3",
+            what="zero_mean + no discriminator",
         ),
     )
 }
