@@ -112,7 +112,9 @@ def train(
         cfg = with_overrides(base, overrides)
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise UserError(f"data folder '{cfg.data_dir}' does not exist")
-        result = fit(cfg, resume=resume, console=console, init_from=init_from)
+        # Passed only when given: fit's other callers and fakes keep their signature.
+        start = {"init_from": init_from} if init_from is not None else {}
+        result = fit(cfg, resume=resume, console=console, **start)
     except UserError as exc:
         raise fail(rank_prefix() + str(exc)) from None
     except TrainingDiverged as exc:
