@@ -15,8 +15,8 @@ the load); the per-minute column only means something on a quiet machine.
 Data: the built-in synthetic set (``~/.cache/arwgan``), or with ``--photos DIR`` the
 photographs in DIR: the last two files (sorted by name) are kept aside for
 validation, random crops of the others (at full and half size) train. ``--photos
-auto`` uses the sample photographs that scikit-image ships, when it is installed
-(``pip install scikit-image``; nothing is downloaded). Validation is a fixed set of
+auto`` uses the six colour photographs that scikit-image ships, when it is installed
+(``pip install scikit-image``; nothing is downloaded): chelsea and rocket validate. Validation is a fixed set of
 crops and messages, scored with BatchNorm in eval mode (what a user of the checkpoint
 gets) and, as a check on early training, in train mode.
 
@@ -50,10 +50,12 @@ EVAL_ATTACKS = (
     OFFICIAL_NOISE + "+cropout((0.25,0.25),(0.25,0.25))+jpegreal(90)+jpegreal(50)"
     "+gaussian_noise(0.02)"
 )
-#: Colour photographs among scikit-image's bundled data files (skimage/data).
+#: Colour photographs among scikit-image's bundled data files (skimage/data); the last
+#: two are kept aside for validation (the two motorcycle views, a stereo pair, must stay
+#: on the same side).
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg",
-    "motorcycle_right.png",
+    "astronaut.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png",
+    "chelsea.png", "rocket.jpg",
 )
 
 
