@@ -48,6 +48,7 @@ def train(
     device: Device = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for log.csv and last.pt. (default: runs/train)")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is the base).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from these network weights: our checkpoint or one saved by the official ARWGAN code (.pyt).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of every RNG. (default: 0)")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="Cap on steps per epoch. (default: whole train set)")] = None,
     val_images: Annotated[Optional[int], typer.Option(help="Validation images per epoch. (default: 512)")] = None,
@@ -70,6 +71,8 @@ def train(
     try:
         if resume and from_tuned:
             raise UserError("--resume and --from-tuned exclude each other: a checkpoint carries its config")
+        if resume and init_from:
+            raise UserError("--resume and --init-from exclude each other: --resume continues a run")
         base = config_from_checkpoint(resume) if resume else TrainConfig()
         if from_tuned is not None:
             base = tuned_base(
@@ -109,7 +112,9 @@ def train(
         cfg = with_overrides(base, overrides)
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise UserError(f"data folder '{cfg.data_dir}' does not exist")
-        result = fit(cfg, resume=resume, console=console)
+        # Passed only when given: fit's other callers and fakes keep their signature.
+        start = {"init_from": init_from} if init_from is not None else {}
+        result = fit(cfg, resume=resume, console=console, **start)
     except UserError as exc:  # GpuNotUsable says exit 1: not a typo to correct
         raise fail(rank_prefix() + str(exc), code=getattr(exc, "exit_code", 2)) from None
     except TrainingDiverged as exc:

@@ -10,13 +10,16 @@ from typing import Any
 
 from arwgan.errors import ConfigError
 
-#: The official ARWGAN noise configuration (HiDDeN grammar).
+#: The authors' ARWGAN training string, verbatim (official grammar and meanings).
 OFFICIAL_NOISE = (
-    "crop((0.1871,0.1871),(0.1871,0.1871))+jpeg()+dropout(0.5477,0.5477)"
+    "crop((0.1871,0.1871),(0.1871,0.1871))+Jpeg(0)+dropout(0.5477,0.5477)"
     "+resize(0.8,0.8)+gaussian(3,2.0)"
 )
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+#: Forms of SSIM the generator loss can use (see arwgan.metrics.SSIM_LOSS_FORMS).
+SSIM_LOSS_FORMS = ("official", "unit")
 
 #: Learning-rate rules (the same names as :data:`autotune.decisions.LR_RULES`).
 LR_RULES = ("linear", "sqrt", "none")
@@ -78,8 +81,20 @@ class ModelConfig:
     channels: int = 64
     """Feature channels C of every network."""
     noise: str = OFFICIAL_NOISE
-    """Noise layers in HiDDeN grammar, '+'-joined; empty string for identity only."""
+    """Noise layers in the official ARWGAN grammar, '+'-joined; empty string for
+    identity only (docs/model.md lists every layer and what its arguments mean)."""
     weights: LossWeights = field(default_factory=LossWeights)
+    ssim_loss: str = "official"
+    """Form of SSIM in the generator loss: ``official`` (pytorch-ssim on the raw [-1, 1]
+    images, zero "same" padding, as the authors train) or ``unit`` (on [0, 1] with
+    "valid" filtering, the form reported as SSIM everywhere)."""
+    residual_zero_mean: bool = False
+    """Improvement (not official): the encoder removes the per-image, per-channel mean
+    of its residual, so the watermark cannot be a flat colour shift."""
+    decoder_jitter: float = 0.0
+    """Improvement (not official): in training, add a per-image, per-channel offset
+    drawn uniformly from [-j, j] ([-1, 1] units) to the attacked image before the
+    decoder, so that a flat colour shift carries no message. 0 = off."""
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, dict):
@@ -97,6 +112,18 @@ class ModelConfig:
             f"channels must be an integer in 1..1024, got {self.channels!r}",
         )
         _require(isinstance(self.noise, str), "noise must be a string")
+        _require(
+            self.ssim_loss in SSIM_LOSS_FORMS,
+            f"SSIM loss form must be one of {', '.join(SSIM_LOSS_FORMS)}, got {self.ssim_loss!r}",
+        )
+        _require(
+            isinstance(self.residual_zero_mean, bool),
+            f"residual_zero_mean must be true or false, got {self.residual_zero_mean!r}",
+        )
+        _require(
+            isinstance(self.decoder_jitter, (int, float)) and 0 <= self.decoder_jitter <= 1,
+            f"decoder jitter must be in [0, 1], got {self.decoder_jitter!r}",
+        )
         # Parse now so that a bad spec fails where the config is built, not mid-run.
         from arwgan.noise import parse_noise
 
@@ -158,6 +185,9 @@ class OptimConfig:
     beta2: float = 0.999
     warmup_steps: int = 0
     """Linear warm-up of both learning rates from lr/warmup_steps to lr."""
+    d_every: int = 1
+    """Update the discriminator every k-th step only (official: 1, every step). With
+    the adversarial loss weight at 0 the discriminator is never run."""
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d"):
@@ -172,6 +202,10 @@ class OptimConfig:
         _require(
             isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
             f"warm-up steps must be a non-negative integer, got {self.warmup_steps!r}",
+        )
+        _require(
+            isinstance(self.d_every, int) and self.d_every >= 1,
+            f"discriminator interval d_every must be a positive integer, got {self.d_every!r}",
         )
 
 

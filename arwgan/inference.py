@@ -50,8 +50,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from arwgan.checkpoint import atomic_write_bytes, load_checkpoint
-from arwgan.config import PRECISIONS, ModelConfig, TrainConfig
+from arwgan.checkpoint import atomic_write_bytes, load_model_weights
+from arwgan.config import PRECISIONS, ModelConfig
 from arwgan.data import UNREADABLE_ERRORS, IMAGE_SUFFIXES, list_images, load_rgb
 from arwgan.errors import CheckpointError, DataError, UserError
 from arwgan.step import Networks, autocast, check_precision, resolve_device
@@ -301,17 +301,15 @@ class Watermarker:
 def load_watermarker(
     path: str | Path, device: str = "auto", precision: str = "fp32"
 ) -> Watermarker:
-    """The encoder and decoder of a training checkpoint (``last.pt``), ready to use.
+    """The encoder and decoder of a training checkpoint (``last.pt``) or of a checkpoint
+    saved by the official ARWGAN code, ready to use.
 
-    CheckpointError when the file is missing, corrupt, not an arwgan checkpoint, or holds
-    weights that do not fit its own config.
+    CheckpointError when the file is missing, corrupt, would run code when opened, is
+    neither format, or holds weights that do not fit its own config.
     """
-    state = load_checkpoint(path)
+    saved = load_model_weights(path)
     try:
-        model_cfg = TrainConfig.from_dict(state["config"]).model
-        weights = state["gan"]["nets"]
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' lacks its config or weights ({exc})") from None
+        model_cfg = ModelConfig.from_dict(saved.config)
     except UserError as exc:
         raise CheckpointError(f"checkpoint '{path}' holds a bad config: {exc}") from None
     if precision not in PRECISIONS:
@@ -322,13 +320,11 @@ def load_watermarker(
     # RNG streams untouched.
     with torch.random.fork_rng(devices=[]):
         nets = Networks(model_cfg, noise_seed=0)
-    try:
-        nets.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError, ValueError):
-        raise CheckpointError(
-            f"checkpoint '{path}': its weights do not fit its config ({model_cfg.image_size}px, "
-            f"{model_cfg.message_bits} bits, {model_cfg.channels} channels)"
-        ) from None
+    target = (
+        f"its config ({model_cfg.image_size}px, {model_cfg.message_bits} bits, "
+        f"{model_cfg.channels} channels)"
+    )
+    nets.load_state_dict(saved.for_model(nets.state_dict(), target))
     return Watermarker(nets.to(torch_device), model_cfg, torch_device, precision)
 
 

@@ -50,7 +50,9 @@ def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Ten
 def ssim_per_image(
     a: torch.Tensor, b: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
 ) -> torch.Tensor:
-    """Mean SSIM per image, computed on [0, 1] (so C1 = 0.01^2 and C2 = 0.03^2 hold).
+    """Mean SSIM per image, computed on [0, 1] (so C1 = 0.01^2 and C2 = 0.03^2 hold): the
+    form every report, log and table shows as SSIM (the loss may use another form, see
+    :func:`ssim_official_per_image`).
 
     Gaussian window (11x11, sigma 1.5), 'valid' filtering as in Wang et al.; images
     smaller than the window use a window of their own size. Differentiable.
@@ -82,6 +84,39 @@ def _ssim_float32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -
         (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
     )
     return ssim_map.flatten(1).mean(dim=1)
+
+
+def ssim_official_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM per image in the official ARWGAN loss form (pytorch-ssim): the raw
+    [-1, 1] tensors, 11x11 Gaussian window (sigma 1.5), zero padding of 5 ("same"), the
+    same C1 = 0.01^2 and C2 = 0.03^2. Differentiable; float32 as :func:`ssim_per_image`.
+
+    This is the TRAINING form (``ModelConfig.ssim_loss = "official"``). Its constants are
+    four times smaller relative to the [-1, 1] range and its zero padding compares
+    every border window against black-grey, so a flat colour shift costs far more than
+    in :func:`ssim_per_image`, which is the form REPORTED as SSIM everywhere.
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        channels = a.shape[1]
+        kernel = _gaussian_window_cpu(SSIM_WINDOW, SSIM_SIGMA).to(a.device)
+        kernel = kernel.expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)
+
+        def blur(x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x, kernel, padding=SSIM_WINDOW // 2, groups=channels)
+
+        mu_a, mu_b = blur(a), blur(b)
+        var_a = blur(a * a) - mu_a**2
+        var_b = blur(b * b) - mu_b**2
+        cov = blur(a * b) - mu_a * mu_b
+        ssim_map = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+            (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
+        )
+        return ssim_map.flatten(1).mean(dim=1)
+
+
+#: The SSIM forms a training loss can use (``ModelConfig.ssim_loss``).
+SSIM_LOSS_FORMS = {"official": ssim_official_per_image, "unit": ssim_per_image}
 
 
 def bit_accuracy_per_image(decoded: torch.Tensor, message: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ class Encoder(nn.Module):
         )
         self.attend_head = _bn_relu_conv(c, c, bits)
         self.to_rgb = conv3x3(bits, 3)
+        self.residual_zero_mean = cfg.residual_zero_mean
 
     def forward(self, image: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
@@ -84,7 +85,11 @@ class Encoder(nn.Module):
         fused = self.fuse_head(torch.cat([f3, m], dim=1))
         # Softmax over the L message channels, times L, so the mask averages 1 per pixel.
         mask = torch.softmax(self.attend_head(self.attend(f0)), dim=1) * bits
-        return image + self.to_rgb(fused * mask)
+        residual = self.to_rgb(fused * mask)
+        if self.residual_zero_mean:
+            # A flat per-image colour shift is cheap under MSE yet useless after a crop.
+            residual = residual - residual.mean(dim=(2, 3), keepdim=True)
+        return image + residual
 
 
 class _DenseConvTrunk(nn.Module):

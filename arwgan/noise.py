@@ -1,14 +1,22 @@
 """Noise layers ("attacks") applied between the encoder and the decoder.
 
 Images are (B, 3, H, W) tensors in [-1, 1]. Every layer is an ``nn.Module`` with
-``forward(encoded, cover) -> noised`` that returns exactly the input's shape and dtype; some
-layers take pixels from ``cover`` (the unwatermarked image). Layers are configured with the
-HiDDeN grammar, e.g. ``crop((0.2,0.25),(0.2,0.25))+dropout(0.55,0.6)+jpeg()``, parsed by
-:func:`parse_noise`. :class:`Noiser` picks one layer per batch, Identity included.
+``forward(encoded, cover) -> noised`` that returns the input's dtype; some layers take
+pixels from ``cover`` (the unwatermarked image). :class:`Crop` and :class:`Resize` return a
+smaller (or larger) image, as in the official ARWGAN code: the decoder ends in a global
+average pool and takes any size. Every other layer keeps the shape.
+
+Layers are configured with the official ARWGAN grammar (HiDDeN's, extended), e.g. the
+authors' training string
+``crop((0.1871,0.1871),(0.1871,0.1871))+Jpeg(0)+dropout(0.5477,0.5477)+resize(0.8,0.8)+gaussian(3,2.0)``,
+parsed by :func:`parse_noise`; every official layer name has its official meaning (see
+docs/model.md, "Noise layers", for each argument and for the official bugs not copied).
+:class:`Noiser` picks one layer per batch, Identity included.
 
 Randomness inside a layer comes from torch's global RNG, so a checkpointed torch RNG state
 replays it; per-batch parameters are drawn as device tensors so that no layer forces a
-host-device sync in the training step (Resize is the exception, see there).
+host-device sync in the training step. Crop and Resize need Python ints for the output
+size; they draw them from torch's global *CPU* generator, which costs no sync either.
 """
 
 from __future__ import annotations
@@ -64,81 +72,96 @@ def _uniform(bounds: Range, device: torch.device) -> torch.Tensor:
     return low + (high - low) * torch.rand((), device=device)
 
 
-def _window_axis(bounds: Range, size: int, device: torch.device) -> torch.Tensor:
-    """A (size,) bool mask selecting a random run of round(fraction * size) >= 1 positions."""
-    length = torch.round(_uniform(bounds, device) * size).clamp(1, size)
-    start = torch.floor(torch.rand((), device=device) * (size - length + 1))
-    positions = torch.arange(size, device=device)
-    return (positions >= start) & (positions < start + length)
+def _area_to_side(bounds: Range) -> Range:
+    """Official ARWGAN reading of a crop/cropout/dropout ratio: the square root (the
+    constructor applies ``np.sqrt``), so crop 0.1871 keeps sides of 0.433, 18.7 % of the area."""
+    return (math.sqrt(bounds[0]), math.sqrt(bounds[1]))
 
 
-def _random_window(
-    height_range: Range, width_range: Range, x: torch.Tensor
-) -> torch.Tensor:
-    """A (H, W) bool mask of one random window, the same for the whole batch.
+def _cpu_uniform(bounds: Range) -> float:
+    """A float from ``bounds``, from torch's global CPU generator (no device sync)."""
+    low, high = bounds
+    return low if low == high else low + (high - low) * float(torch.rand(()))
 
-    Built from device tensors rather than Python ints so that drawing it does not sync.
+
+def _window_slices(
+    side_height: Range, side_width: Range, height: int, width: int
+) -> tuple[slice, slice]:
+    """Rows and columns of one random window, drawn on the CPU (no device sync).
+
+    Each side is round(fraction * size), at least 1, with the fraction drawn from its
+    own range (the official code drew the width from its lower bound twice: a bug). Every
+    start position is equally likely, the last one included (the official
+    ``randint(0, size - side)`` never chose it).
     """
-    height, width = x.shape[-2:]
-    rows = _window_axis(height_range, height, x.device)
-    cols = _window_axis(width_range, width, x.device)
-    return rows[:, None] & cols[None, :]
+    sides = []
+    for bounds, size in ((side_height, height), (side_width, width)):
+        side = min(size, max(1, round(_cpu_uniform(bounds) * size)))
+        start = int(torch.randint(size - side + 1, ()))
+        sides.append(slice(start, start + side))
+    return sides[0], sides[1]
 
 
 class Crop(NoiseLayer):
-    """Keep a random window of the encoded image and zero the rest.
+    """Cut a random window out of the encoded image: the decoder sees the smaller image.
 
-    Side fractions are drawn per batch from ``height_range`` and ``width_range``; the window
-    is round(h * H) x round(w * W) pixels (at least 1 x 1). The image keeps its shape, so
-    the decoder must find the message in a mostly black frame.
+    ``crop((hmin,hmax),(wmin,wmax))`` as in the official code: each ratio is an AREA
+    fraction per axis pair, so the window's height is sqrt(h) * H with h drawn per batch
+    from (hmin, hmax), its width sqrt(w) * W likewise; crop((0.1871,0.1871),(0.1871,0.1871))
+    keeps a 0.433 x 0.433 window, 18.7 % of the pixels. Same window for the whole batch.
     """
 
     def __init__(self, height_range: Range, width_range: Range) -> None:
         super().__init__()
-        self.height_range = height_range
-        self.width_range = width_range
+        self.side_height = _area_to_side(height_range)
+        self.side_width = _area_to_side(width_range)
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-        window = _random_window(self.height_range, self.width_range, encoded)
-        return encoded * window
+        rows, cols = _window_slices(self.side_height, self.side_width, *encoded.shape[-2:])
+        return encoded[..., rows, cols]
 
 
 class Cropout(NoiseLayer):
-    """Encoded pixels inside a random window (as :class:`Crop`), cover pixels outside."""
+    """Encoded pixels inside a random window (sized as :class:`Crop`, square-rooted
+    ratios), cover pixels outside; the shape is kept."""
 
     def __init__(self, height_range: Range, width_range: Range) -> None:
         super().__init__()
-        self.height_range = height_range
-        self.width_range = width_range
+        self.side_height = _area_to_side(height_range)
+        self.side_width = _area_to_side(width_range)
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-        window = _random_window(self.height_range, self.width_range, encoded)
-        return torch.where(window, encoded, cover)
+        rows, cols = _window_slices(self.side_height, self.side_width, *encoded.shape[-2:])
+        noised = cover.clone()
+        noised[..., rows, cols] = encoded[..., rows, cols]
+        return noised
 
 
 class Dropout(NoiseLayer):
-    """Keep each encoded pixel with probability p (drawn per batch), else take the cover's.
+    """Keep each encoded pixel with probability p, else take the cover's.
 
-    The mask is shared over channels: a pixel is either watermarked or not.
+    ``dropout(min,max)`` as in the official code: p is drawn per batch between sqrt(min)
+    and sqrt(max), so dropout(0.5477,0.5477) keeps 74 % of the pixels. One (H, W) mask
+    for the whole batch and all channels, as officially.
     """
 
     def __init__(self, keep_range: Range) -> None:
         super().__init__()
-        self.keep_range = keep_range
+        self.keep_range = _area_to_side(keep_range)
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
         keep = _uniform(self.keep_range, encoded.device)
-        batch, _, height, width = encoded.shape
-        mask = torch.rand((batch, 1, height, width), device=encoded.device) < keep
+        height, width = encoded.shape[-2:]
+        mask = torch.rand((1, 1, height, width), device=encoded.device) < keep
         return torch.where(mask, encoded, cover)
 
 
 class Resize(NoiseLayer):
-    """Rescale by s (drawn per batch) with bilinear interpolation, then back to the input size.
+    """Rescale by s (drawn per batch) with nearest-neighbour sampling, NOT resized back:
+    the decoder sees the floor(s * H) x floor(s * W) image, as in the official code.
 
-    The intermediate size must be a Python int, so s is drawn from torch's global *CPU*
-    generator: drawing it on the GPU would cost a device sync every step. With a fixed
-    scale (min == max, as in the official configuration) nothing is drawn.
+    The output size must be a Python int, so s comes from torch's global CPU generator
+    (no device sync); with a fixed scale (min == max, as officially) nothing is drawn.
     """
 
     def __init__(self, scale_range: Range) -> None:
@@ -146,27 +169,28 @@ class Resize(NoiseLayer):
         self.scale_range = scale_range
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
-        low, high = self.scale_range
-        scale = low if low == high else low + (high - low) * torch.rand(()).item()
-        size = encoded.shape[-2:]
-        small = [max(1, round(scale * side)) for side in size]
-        resized = F.interpolate(encoded, size=small, mode="bilinear", align_corners=False)
-        return F.interpolate(resized, size=size, mode="bilinear", align_corners=False)
+        scale = _cpu_uniform(self.scale_range)
+        height, width = encoded.shape[-2:]
+        if math.floor(scale * height) < 1 or math.floor(scale * width) < 1:
+            return F.interpolate(encoded, size=(1, 1), mode="nearest")
+        return F.interpolate(encoded, scale_factor=scale, mode="nearest")
 
 
 class GaussianBlur(NoiseLayer):
-    """Depthwise Gaussian blur with an odd ``kernel_size`` and ``sigma``, size kept.
+    """``gaussian(k,s)``: depthwise k x k blur with the official kernel exp(-d^2 / s^2)
+    (d the distance to the centre, normalised to sum 1), size kept.
 
-    Padding is kernel_size // 2, reflected where the image is large enough (reflection
-    avoids the dark border that zero padding would add), replicated otherwise. The kernel
-    is separable, so it runs as a vertical then a horizontal 1-D convolution.
+    The official code pads by 1 whatever k (so only k = 3 kept the size) and with zeros
+    (a grey frame on [-1, 1] images); here the padding is k // 2, reflected where the image
+    is large enough, replicated otherwise. The kernel is separable, so it runs as a
+    vertical then a horizontal 1-D convolution.
     """
 
     def __init__(self, kernel_size: int, sigma: float) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         offsets = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
-        taps = torch.exp(-(offsets**2) / (2 * sigma**2))
+        taps = torch.exp(-(offsets**2) / sigma**2)
         self.register_buffer("taps", (taps / taps.sum()).float(), persistent=False)
 
     def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
@@ -266,6 +290,92 @@ class Contrast(NoiseLayer):
         return (mean + factor * (encoded - mean)).clamp(-1, 1)
 
 
+class ClippedGaussianNoise(NoiseLayer):
+    """``Gaussian_noise(m,s)``, the official layer: add n = clip(N(m, s^2), 0, 1), one draw
+    per pixel shared by the three channels (so the noise only brightens).
+
+    The official loop ``image[:, i:] += n`` for i = 0, 1, 2 added n once to red, twice to
+    green and three times to blue (a slicing bug); here every channel gets n once.
+    """
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.mean = mean
+        self.std = std
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = encoded.shape
+        draw = torch.randn((batch, 1, height, width), device=encoded.device, dtype=encoded.dtype)
+        return encoded + (self.mean + self.std * draw).clamp(0, 1)
+
+
+class Saturation(NoiseLayer):
+    """Scale the HSV saturation, on the [0, 1] scale, by a factor drawn per batch from
+    ``factor_range`` (clamped to [0, 1] as kornia's ``adjust_saturation``); hue and value
+    are kept. The official ``Adjust_hue(h)`` layer is this (it calls AdjustSaturation).
+
+    With hue and value V = max(r, g, b) fixed, every channel is V - S * V * k(hue), so
+    scaling S to S' moves each channel to V - (S' / S) (V - c).
+    """
+
+    def __init__(self, factor_range: Range) -> None:
+        super().__init__()
+        self.factor_range = factor_range
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        factor = _uniform(self.factor_range, encoded.device)
+        rgb = ((encoded + 1) / 2).clamp(0, 1)
+        value = rgb.amax(dim=1, keepdim=True)
+        spread = value - rgb.amin(dim=1, keepdim=True)
+        saturation = spread / value.clamp(min=1e-8)
+        new_saturation = (saturation * factor).clamp(0, 1)
+        ratio = torch.where(saturation > 0, new_saturation / saturation.clamp(min=1e-8), 0.0)
+        return (value - ratio * (value - rgb)) * 2 - 1
+
+
+class GridCrop(NoiseLayer):
+    """``grid_crop(r)``, the official layer: each whole 8x8 block is set to black (-1)
+    with probability r, one draw per block for the whole batch; a partial block at the
+    right or bottom edge is never touched."""
+
+    BLOCK = 8
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        height, width = encoded.shape[-2:]
+        rows, cols = height // self.BLOCK, width // self.BLOCK
+        hit = torch.rand((rows, cols), device=encoded.device) < self.rate
+        hit = hit.repeat_interleave(self.BLOCK, 0).repeat_interleave(self.BLOCK, 1)
+        hit = F.pad(hit, (0, width - cols * self.BLOCK, 0, height - rows * self.BLOCK))
+        return torch.where(hit, torch.full_like(encoded, -1.0), encoded)
+
+
+class Quantization(NoiseLayer):
+    """``quant()``, the official layer (from HiDDeN): stretch the batch to 0..255 (by its
+    minimum and maximum), round with the differentiable 10-term Fourier series
+    x - sum_n (-1)^n sin(2 pi n x) / (pi n), and stretch back to the batch's range."""
+
+    TERMS = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = torch.arange(1, self.TERMS + 1, dtype=torch.float64)
+        self.register_buffer("weights", ((-1) ** n / (math.pi * n)).float(), persistent=False)
+        self.register_buffer("frequencies", (2 * math.pi * n).float(), persistent=False)
+
+    def attack(self, encoded: torch.Tensor, cover: torch.Tensor) -> torch.Tensor:
+        low, high = encoded.min(), encoded.max()
+        pixels = ((encoded - low) / (high - low).clamp(min=1e-12) * 255).clamp(0, 255)
+        shape = (-1,) + (1,) * pixels.dim()
+        waves = torch.sin(pixels * self.frequencies.to(pixels).view(shape))
+        rounded = pixels + (self.weights.to(pixels).view(shape) * waves).sum(dim=0)
+        r_low, r_high = rounded.min(), rounded.max()
+        return (rounded - r_low) / (r_high - r_low).clamp(min=1e-12) * (high - low) + low
+
+
 # JPEG ----------------------------------------------------------------------------------
 
 #: Annex K quantisation tables of the JPEG standard (quality 50).
@@ -293,6 +403,26 @@ _RGB_TO_YCBCR = (
     (-0.168736, -0.331264, 0.5),
     (0.5, -0.418688, -0.081312),
 )
+# Analog YUV (BT.601), the space of HiDDeN's and the official JPEG-Mask.
+_RGB_TO_YUV = (
+    (0.299, 0.587, 0.114),
+    (-0.14713, -0.28886, 0.436),
+    (0.615, -0.51499, -0.10001),
+)
+
+
+def zigzag_mask(keep: int) -> torch.Tensor:
+    """(8, 8) mask of the first ``keep`` DCT coefficients in JPEG's zigzag order; row =
+    vertical frequency. Anti-diagonals in turn, walked up-right on even ones, down-left
+    on odd ones (the order HiDDeN's JPEG-Mask uses)."""
+    order = sorted(
+        ((u, v) for u in range(8) for v in range(8)),
+        key=lambda uv: (uv[0] + uv[1], -uv[1] if (uv[0] + uv[1]) % 2 else uv[1]),
+    )
+    mask = torch.zeros(8, 8)
+    for u, v in order[:keep]:
+        mask[u, v] = 1
+    return mask
 
 
 def jpeg_quantization_tables(quality: int) -> torch.Tensor:
@@ -336,10 +466,10 @@ class _BlockDctJpeg(NoiseLayer):
     by edge replication (as libjpeg does) and the padding is cropped afterwards.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rgb_to_colour=_RGB_TO_YCBCR) -> None:
         super().__init__()
         self.register_buffer("dct", _dct_matrix(), persistent=False)
-        to_ycbcr = torch.tensor(_RGB_TO_YCBCR, dtype=torch.float64)
+        to_ycbcr = torch.tensor(rgb_to_colour, dtype=torch.float64)
         self.register_buffer("rgb_to_ycbcr", to_ycbcr.float(), persistent=False)
         self.register_buffer("ycbcr_to_rgb", torch.linalg.inv(to_ycbcr).float(), persistent=False)
 
@@ -368,16 +498,16 @@ class _BlockDctJpeg(NoiseLayer):
 
 
 class JpegMask(_BlockDctJpeg):
-    """HiDDeN's JPEG-Mask: keep the low 5x5 DCT frequencies of Y and 3x3 of Cb, Cr.
+    """``jpeg()``, HiDDeN's and the official JPEG-Mask: in analog YUV, keep the first 25
+    DCT coefficients of Y and 9 of U and V in zigzag order, zero the rest.
 
-    A fixed, linear and differentiable stand-in for JPEG's loss of high frequencies.
+    A fixed, linear and differentiable stand-in for JPEG's loss of high frequencies. The
+    image is padded to a multiple of 8 by edge replication (officially with zeros).
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        keep = torch.zeros(3, 8, 8)
-        keep[0, :5, :5] = 1
-        keep[1:, :3, :3] = 1
+        super().__init__(_RGB_TO_YUV)
+        keep = torch.stack([zigzag_mask(25), zigzag_mask(9), zigzag_mask(9)])
         self.register_buffer("keep", self._per_channel(keep), persistent=False)
 
     def process(self, coefficients: torch.Tensor) -> torch.Tensor:
@@ -386,10 +516,11 @@ class JpegMask(_BlockDctJpeg):
 
 class JpegDiff(_BlockDctJpeg):
     """Differentiable JPEG at ``quality``: libjpeg's tables, quantised with
-    :func:`differentiable_round`.
+    :func:`differentiable_round`, on the input's device, gradient kept. ``Jpeg(Q)`` (the
+    official layer) and ``jpeg(Q)`` build it.
 
-    Unlike real JPEG it does not subsample chroma and does not clamp to [0, 255]; both
-    would only remove gradient.
+    Like the official simulation it does not subsample chroma (its ``downsample_c`` is
+    off); unlike it, it does not clamp to [0, 255] (that would only remove gradient).
     """
 
     def __init__(self, quality: int) -> None:
@@ -531,6 +662,37 @@ def _check_factor(args: tuple) -> None:
             raise _SpecProblem(f"factor must be > 0, got {_render(value)}")
 
 
+def _check_official_jpeg(args: tuple) -> None:
+    quality = _integer(args[0], "quality")
+    if not 0 <= quality <= 100:
+        raise _SpecProblem(f"quality must be in 0..100 (0 reads as 50), got {quality}")
+
+
+def _check_salt_pepper_each(args: tuple) -> None:
+    ratio = _number(args[0], "ratio")
+    if not 0 <= ratio <= 0.5:
+        raise _SpecProblem(f"ratio (of black, and of white, pixels) must be in [0, 0.5], got {_render(ratio)}")
+
+
+def _check_mean_std(args: tuple) -> None:
+    _number(args[0], "mean")
+    std = _number(args[1], "std")
+    if std < 0:
+        raise _SpecProblem(f"std must be >= 0, got {_render(std)}")
+
+
+def _check_saturation(args: tuple) -> None:
+    for value in _range(args * 2 if len(args) == 1 else args, "factor range"):
+        if value < 0:
+            raise _SpecProblem(f"factor must be >= 0, got {_render(value)}")
+
+
+def _check_rate(args: tuple) -> None:
+    rate = _number(args[0], "rate")
+    if not 0 <= rate <= 1:
+        raise _SpecProblem(f"rate must be in [0, 1], got {_render(rate)}")
+
+
 def _check_median(args: tuple) -> None:
     kernel_size = _integer(args[0], "kernel size")
     if kernel_size < 1 or kernel_size % 2 == 0:
@@ -585,6 +747,30 @@ _RULES: dict[str, _Rule] = {
         lambda args: _check_factor(_scalars(args)),
         lambda args: Contrast((args[0], args[-1])),
     ),
+    "saturation": _Rule(
+        (1, 2),
+        lambda args: _check_saturation(_scalars(args)),
+        lambda args: Saturation((args[0], args[-1])),
+    ),
+    # The official ARWGAN names (case matters, as in its parser), with its meanings.
+    "Jpeg": _Rule(
+        (1,), _check_official_jpeg, lambda args: JpegDiff(args[0] if args[0] else 50)
+    ),
+    "sp": _Rule(
+        (1,), _check_salt_pepper_each, lambda args: SaltPepper((2 * args[0], 2 * args[0]))
+    ),
+    "Gaussian_noise": _Rule((2,), _check_mean_std, lambda args: ClippedGaussianNoise(*args)),
+    "Median_filter": _Rule((1,), _check_median, lambda args: Median(args[0])),
+    "Adjust_hue": _Rule(
+        (1,), lambda args: _check_saturation(_scalars(args)),
+        lambda args: Saturation((args[0], args[0])),
+    ),
+    "Adjust_contrast": _Rule(
+        (1,), lambda args: _check_factor(_scalars(args)),
+        lambda args: Brightness((args[0], args[0])),
+    ),
+    "grid_crop": _Rule((1,), _check_rate, lambda args: GridCrop(args[0])),
+    "quant": _Rule((0,), lambda args: None, lambda args: Quantization()),
 }
 
 
@@ -592,7 +778,7 @@ def _problem_with(spec: NoiseSpec) -> str | None:
     """Why ``spec`` is not a valid layer, or None when it is."""
     rule = _RULES.get(spec.name)
     if rule is None:
-        return f"unknown layer {spec.name!r} (known: {', '.join(sorted(_RULES))})"
+        return f"unknown layer {spec.name!r} (known: {', '.join(sorted(_RULES, key=str.lower))})"
     if len(spec.args) not in rule.arities:
         expected = " or ".join(str(n) for n in rule.arities)
         return f"{spec.name} takes {expected} argument(s), got {len(spec.args)}"

@@ -16,7 +16,7 @@ from torch import nn
 from arwgan.config import ModelConfig, OptimConfig
 from arwgan.distributed import DistContext
 from arwgan.errors import ConfigError, GpuNotUsable
-from arwgan.metrics import bit_accuracy_per_image, ssim_per_image
+from arwgan.metrics import SSIM_LOSS_FORMS, bit_accuracy_per_image
 from arwgan.model import Decoder, Discriminator, Encoder
 from arwgan.noise import Noiser
 
@@ -133,15 +133,22 @@ class WatermarkGenerator(nn.Module):
     the generator as one unit with one forward and one backward per step.
     """
 
-    def __init__(self, nets: Networks) -> None:
+    def __init__(self, nets: Networks, decoder_jitter: float = 0.0) -> None:
         super().__init__()
         self.encoder = nets.encoder
         self.noiser = nets.noiser
         self.decoder = nets.decoder
+        self.decoder_jitter = decoder_jitter
 
     def forward(self, images: torch.Tensor, messages: torch.Tensor):
         encoded = self.encoder(images, messages)
-        return encoded, self.decoder(self.noiser(encoded, images))
+        noised = self.noiser(encoded, images)
+        if self.training and self.decoder_jitter > 0:
+            # ModelConfig.decoder_jitter: a random flat colour offset per image and
+            # channel, so that a flat shift cannot carry the message.
+            offset = torch.rand(noised.shape[0], noised.shape[1], 1, 1, device=noised.device)
+            noised = noised + (offset * 2 - 1).to(noised.dtype) * self.decoder_jitter
+        return encoded, self.decoder(noised)
 
 
 def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
@@ -221,7 +228,7 @@ class GANStep:
             # Converted in place: the new layers keep the same parameters, buffers and
             # state_dict keys, so checkpoints move freely between the two.
             self.nets = nn.SyncBatchNorm.convert_sync_batchnorm(self.nets)
-        self.generator: nn.Module = WatermarkGenerator(self.nets)
+        self.generator: nn.Module = WatermarkGenerator(self.nets, model_cfg.decoder_jitter)
         self.discriminator: nn.Module = self.nets.discriminator
         if self.dist is not None:
             self.generator = _data_parallel(self.generator, device)
@@ -237,6 +244,9 @@ class GANStep:
         self.scaler_d = torch.amp.GradScaler(device.type, enabled=use_scaler)
         self.step_count = 0
         self.weights = model_cfg.weights
+        self.ssim_loss = SSIM_LOSS_FORMS[model_cfg.ssim_loss]
+        # The discriminator's last loss, reported on the steps that skip its update.
+        self._last_d_loss = torch.zeros((), device=device)
         # BatchNorm updates its running statistics during the forward pass, before we can
         # know whether the loss is finite: a skipped step must put them back.
         self._bn_stats = [
@@ -379,16 +389,22 @@ class GANStep:
         bn_snapshot = torch._foreach_mul(self._bn_stats, 1.0) if self._bn_stats else []
         with autocast(self.precision, self.device):
             encoded, decoded = self.generator(images, messages)
-
-            # Discriminator: cover is real (1), the detached encoded image is fake (0).
-            real_logits = self.discriminator(images)
-            fake_logits = self.discriminator(encoded.detach())
-            d_loss = F.binary_cross_entropy_with_logits(
-                real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32)
-            ) + F.binary_cross_entropy_with_logits(
-                fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float32)
-            )
-        skipped_d = self._update(d_loss, self.opt_d, self.scaler_d)
+        # OptimConfig.d_every: the discriminator costs about a third of a step while its
+        # gradient on the encoded image is tiny; with its loss weight at 0 it never runs.
+        use_d = w.adversarial > 0
+        skipped_d = False
+        if use_d and self.step_count % self.optim_cfg.d_every == 0:
+            with autocast(self.precision, self.device):
+                # Discriminator: cover is real (1), the detached encoded image is fake (0).
+                real_logits = self.discriminator(images)
+                fake_logits = self.discriminator(encoded.detach())
+                d_loss = F.binary_cross_entropy_with_logits(
+                    real_logits.float(), torch.ones_like(real_logits, dtype=torch.float32)
+                ) + F.binary_cross_entropy_with_logits(
+                    fake_logits.float(), torch.zeros_like(fake_logits, dtype=torch.float32)
+                )
+            skipped_d = self._update(d_loss, self.opt_d, self.scaler_d)
+            self._last_d_loss = d_loss.detach()
 
         # The generator's adversarial term must not leave gradients on D's weights:
         # freezing them here also saves computing those gradients at all. It calls the
@@ -396,11 +412,15 @@ class GANStep:
         nets.discriminator.requires_grad_(False)
         try:
             with autocast(self.precision, self.device):
-                verdict = nets.discriminator(encoded)
-                g_adv = F.binary_cross_entropy_with_logits(
-                    verdict.float(), torch.ones_like(verdict, dtype=torch.float32)
-                )
-                g_ssim = 1 - ssim_per_image(encoded, images).mean()
+                if use_d:
+                    verdict = nets.discriminator(encoded)
+                    g_adv = F.binary_cross_entropy_with_logits(
+                        verdict.float(), torch.ones_like(verdict, dtype=torch.float32)
+                    )
+                else:
+                    g_adv = torch.zeros((), device=encoded.device)
+                # ModelConfig.ssim_loss picks the form (official: raw [-1, 1], zero padding).
+                g_ssim = 1 - self.ssim_loss(encoded, images).mean()
                 g_image = F.mse_loss(encoded.float(), images.float())
                 g_message = F.mse_loss(decoded.float(), messages.float())
                 g_loss = (
@@ -416,7 +436,7 @@ class GANStep:
             torch._foreach_copy_(self._bn_stats, bn_snapshot)
         self.step_count += 1
         return StepResult(
-            d_loss=d_loss.detach(),
+            d_loss=self._last_d_loss,
             g_loss=g_loss.detach(),
             g_adversarial=g_adv.detach(),
             g_ssim=g_ssim.detach(),

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from arwgan.errors import ConfigError
 
 #: Bumped whenever the drawing changes, so a cached set from older code is not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: Written last into a finished set; a folder without it is not trusted.
 MARKER_NAME = ".complete.json"
 JPEG_QUALITY = 90
@@ -204,7 +204,7 @@ def _shape_alpha(
     draw = ImageDraw.Draw(mask)
     kind = rng.choice(4, p=[0.3, 0.25, 0.3, 0.15])
     centre = rng.uniform(-0.1, 1.1, 2) * size
-    extent = rng.uniform(0.06, 0.45, 2) * size
+    extent = rng.uniform(0.03, 0.4, 2) * size
     if kind == 0:
         draw.ellipse([*(centre - extent), *(centre + extent)], fill=255)
     elif kind == 1:
@@ -240,7 +240,7 @@ def _fill(rng: np.random.Generator, size: int, box: tuple[int, int, int, int]) -
     ys, xs = _coordinates(size)
     ys, xs = ys[top:bottom], xs[:, left:right]
     colour = _random_colour(rng)
-    kind = rng.choice(4, p=[0.4, 0.25, 0.2, 0.15])
+    kind = rng.choice(4, p=[0.3, 0.2, 0.2, 0.3])
     if kind == 0:
         return colour
     if kind == 1:  # Linear shading between two colours, as on a lit curved surface.
@@ -261,12 +261,19 @@ def _fill(rng: np.random.Generator, size: int, box: tuple[int, int, int, int]) -
 
 
 def _render(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Draw one image from ``rng``: (size, size, 3) uint8."""
+    """Draw one image from ``rng``: (size, size, 3) uint8.
+
+    Version 2 made the set busier at the 32-pixel scale the CPU runs train on: version 1
+    crops were smooth (median high-pass std of 32x32 crops 0.0065, against 0.016 for
+    real photographs, measured as in benchmarks/train_cpu.py), which let an encoder hide
+    its message as a flat colour shift. Now every surface carries fine texture (paper,
+    plaster, skin, foliage), and more and smaller shapes add edges.
+    """
     image = _background(rng, size)
     lighting = _fractal_noise(rng, size, int(rng.integers(2, 5)), 3)
     image *= (0.7 + 0.6 * lighting)[..., None]
 
-    for _ in range(int(rng.integers(4, 12))):
+    for _ in range(int(rng.integers(8, 24))):
         shape = _shape_alpha(rng, size)
         if shape is None:
             continue  # Drawn entirely outside the frame.
@@ -276,10 +283,14 @@ def _render(rng: np.random.Generator, size: int) -> np.ndarray:
             alpha *= rng.uniform(0.5, 1.0)  # Translucent: glass, shadows, haze.
         region = image[top:bottom, left:right]
         region += (_fill(rng, size, box) - region) * alpha[..., None]
+    # Surface texture over everything, flat shapes included (no real surface is flat).
+    texture = _fractal_noise(rng, size, int(rng.integers(size // 5, size // 2)), 3)
+    strength = rng.uniform(0.15, 0.5)
+    image *= (1 - strength / 2 + strength * texture)[..., None]
 
     pixels = Image.fromarray((np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
-    if rng.random() < 0.3:  # Out of focus or motion: some photos are not sharp.
+    if rng.random() < 0.15:  # Out of focus or motion: some photos are not sharp.
         pixels = pixels.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5) * size / 160))
-    sensor_noise = rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(1.0, 4.0)
+    sensor_noise = rng.standard_normal((size, size, 3), dtype=np.float32) * rng.uniform(1.5, 5.0)
     noisy = np.asarray(pixels, dtype=np.float32) + sensor_noise
     return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)

@@ -29,7 +29,13 @@ from autotune.console import console as default_console, note, say, warn
 from autotune.probes import HostProbe
 from autotune.telemetry import TrainingTelemetry, nvml_gpu_reader, starvation_hint, telemetry_text
 from autotune.device import CudaDevice, configure_cudnn, memory_capped
-from arwgan.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from arwgan.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from arwgan.config import LoaderConfig, OptimConfig, TrainConfig
 from arwgan.data import EpochSampler, build_datasets, make_loader
 from arwgan.doctor import process_peak_bytes
@@ -281,6 +287,15 @@ class Trainer:
             set_rng_states(state["rng"])
         self.epoch = int(state["epoch"])
         self.epoch_step = int(state["epoch_step"])
+
+    def init_from(self, path: str | Path) -> None:
+        """Start from the network weights of ``path`` (our checkpoint or an official
+        ARWGAN one), with fresh optimisers, step count and epoch: a new run, not a resume.
+        Every rank loads the same file, so the ranks stay identical."""
+        model = self.cfg.model
+        target = f"this run's config ({model.message_bits} bits, {model.channels} channels)"
+        weights = load_model_weights(path).for_model(self.gan.nets.state_dict(), target)
+        self.gan.nets.load_state_dict(weights)
 
     # -- one epoch -----------------------------------------------------------------------
     def steps_this_epoch(self) -> int:
@@ -565,8 +580,11 @@ def fit(
     resume: str | Path | None = None,
     console: Console | None = None,
     dist: DistContext | None = None,
+    init_from: str | Path | None = None,
 ):
-    """Train per ``cfg``; with ``resume``, continue from that checkpoint.
+    """Train per ``cfg``; with ``resume``, continue from that checkpoint; with
+    ``init_from``, start a new run from that checkpoint's network weights (ours or an
+    official ARWGAN ``.pyt``).
 
     Launched by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment), this process
     joins the process group, trains its shard and leaves the group when done or
@@ -581,6 +599,8 @@ def fit(
         trainer = Trainer(cfg, console, dist)
         if resume is not None:
             trainer.resume(resume)
+        elif init_from is not None:
+            trainer.init_from(init_from)
         return trainer.fit()
     finally:
         if own_group:

@@ -380,7 +380,7 @@ def test_build_datasets_without_a_folder_uses_the_synthetic_set(
 
 
 def test_synthetic_layout_and_files(tiny_synthetic):
-    assert tiny_synthetic.name == "synthetic-v1-s0-n12-v4-40"
+    assert tiny_synthetic.name == "synthetic-v2-s0-n12-v4-40"
     train, val, layout = find_image_files(tiny_synthetic)
     assert layout == "HiDDeN" and len(train) == 12 and len(val) == 4
     assert {p.parent.name for p in train + val} == {"synthetic"}
@@ -441,7 +441,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 def test_concurrent_generator_finishing_first_wins(tmp_path, monkeypatch):
     real_write = synthetic._write_set
-    final = tmp_path / "synthetic-v1-s0-n3-v1-16"
+    final = tmp_path / "synthetic-v2-s0-n3-v1-16"
 
     def write_while_another_finishes(folder, *args):
         real_write(folder, *args)
@@ -456,4 +456,4 @@ def test_concurrent_generator_finishing_first_wins(tmp_path, monkeypatch):
 def test_synthetic_default_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("ARWGAN_CACHE", str(tmp_path))
     folder = ensure_synthetic_dataset(train_count=2, val_count=1, size=16)
-    assert folder == tmp_path / "synthetic-v1-s0-n2-v1-16" and (folder / MARKER_NAME).is_file()
+    assert folder == tmp_path / "synthetic-v2-s0-n2-v1-16" and (folder / MARKER_NAME).is_file()

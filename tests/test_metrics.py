@@ -179,3 +179,49 @@ def test_metric_sums_empty_and_detached() -> None:
     assert totals.tolist() == [8.0]
     assert counts.tolist() == [2.0]
     assert sums.means() == {"x": 4.0}
+
+
+def _pytorch_ssim_by_hand(a, b) -> float:
+    """SSIM as pytorch-ssim (the official ARWGAN loss) defines it, pixel by pixel in
+    float64: each local statistic is a Gaussian-weighted sum over the 11x11 window
+    around the pixel, pixels outside the image counting as 0 (zero "same" padding)."""
+    import math
+
+    g = [math.exp(-((x - 5) ** 2) / (2 * 1.5**2)) for x in range(11)]
+    g = [v / sum(g) for v in g]
+    channels, height, width = a.shape
+    total = 0.0
+    for c in range(channels):
+        for row in range(height):
+            for col in range(width):
+                s = {"a": 0.0, "b": 0.0, "aa": 0.0, "bb": 0.0, "ab": 0.0}
+                for i in range(11):
+                    for j in range(11):
+                        y, x = row + i - 5, col + j - 5
+                        if 0 <= y < height and 0 <= x < width:
+                            w = g[i] * g[j]
+                            pa, pb = float(a[c, y, x]), float(b[c, y, x])
+                            s["a"] += w * pa
+                            s["b"] += w * pb
+                            s["aa"] += w * pa * pa
+                            s["bb"] += w * pb * pb
+                            s["ab"] += w * pa * pb
+                var_a, var_b = s["aa"] - s["a"] ** 2, s["bb"] - s["b"] ** 2
+                cov = s["ab"] - s["a"] * s["b"]
+                c1, c2 = 0.01**2, 0.03**2
+                total += ((2 * s["a"] * s["b"] + c1) * (2 * cov + c2)) / (
+                    (s["a"] ** 2 + s["b"] ** 2 + c1) * (var_a + var_b + c2)
+                )
+    return total / (channels * height * width)
+
+
+def test_official_ssim_form_matches_pytorch_ssim_computed_by_hand():
+    from arwgan.metrics import ssim_official_per_image
+
+    generator = torch.Generator().manual_seed(0)
+    textured = torch.rand(1, 3, 12, 12, generator=generator) * 1.6 - 0.8
+    shifted = textured + 0.05  # a flat colour shift, on the [-1, 1] scale
+    got = float(ssim_official_per_image(shifted, textured)[0])
+    assert got == pytest.approx(_pytorch_ssim_by_hand(shifted[0], textured[0]), abs=1e-5)
+    # The reported form (on [0, 1], 'valid') charges the same shift far less.
+    assert 1 - float(ssim_per_image(shifted, textured)[0]) < (1 - got) / 3

@@ -209,21 +209,24 @@ def test_loss_weights_scale_the_generator_loss() -> None:
 def test_training_learns_to_hide_bits(make_config) -> None:
     """Identity noise, 4 bits: a seeded run of 240 steps decodes well above chance (0.5).
 
-    Measured (torch 2.14 CPU, one thread): val_bitacc_identity 0.375 after the first
-    epoch, 0.80 by step 124, 0.875 at step 240 (train 0.867, PSNR 23.5 dB); 17 s on a
-    busy 2-core machine. At the official lr 1e-3 the same budget reaches only ~0.6, and
-    16 channels learn no faster per second; learning is gradual, not a sudden jump.
+    Measured (torch 2.14 CPU, one thread), synthetic set v2 (textured, more like
+    photographs than v1, and harder): with the residual's mean removed, val bit accuracy
+    0.766, train 0.816, PSNR 29.9 dB at step 240; with the official defaults 0.672 val
+    (the official SSIM form keeps PSNR higher early on), with our former SSIM form 0.75
+    at 25.0 dB. On synthetic set v1 the former form reached 0.875. At the official lr
+    1e-3 the same budget reaches only ~0.6; learning is gradual, not a sudden jump.
     """
     cfg = make_config(
         channels=8, batch_size=16, epochs=60, steps_per_epoch=4, lr=1e-2, log_every=1000
     )
+    cfg.model.residual_zero_mean = True
     result = Trainer(cfg, quiet_console()).fit()
     first, last = result.history[0], result.history[-1]
     assert last["step"] == 240
     assert first["val_bitacc_identity"] < 0.6
-    assert last["val_bitacc_identity"] >= 0.8
-    assert last["train_bit_accuracy"] >= 0.8
-    assert last["val_psnr"] > 15
+    assert last["val_bitacc_identity"] >= 0.7
+    assert last["train_bit_accuracy"] >= 0.75
+    assert last["val_psnr"] > 25
 
 
 # -- (c) resuming ------------------------------------------------------------------------
