@@ -73,6 +73,8 @@ def embed(
 
     try:
         pairs = plan_embedding(source, target)
+        for folder in sorted({destination.parent for _, destination in pairs}):
+            check_output_folder(folder, "watermarked images")
         marker = load_watermarker(checkpoint, device)
         bits = marker.message(message)
     except UserError as exc:

@@ -43,8 +43,6 @@ def check_output_file(path: str | Path, what: str) -> Path:
 def check_output_folder(path: str | Path, what: str) -> Path:
     """``path`` is, or can be created as, a writable folder."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} '{path}' is a file, not a folder")
     _probe_folder(path, what)
     return path
 

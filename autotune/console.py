@@ -100,6 +100,13 @@ class ProgressLines:
         say(f"{time.strftime('%H:%M:%S')} {text}", to=self.to)
         self._last_line = self.clock()
 
+    def begin(self, text: str) -> None:
+        """Record the state without a line: whatever ends within ``every_s`` (a user
+        error found while probing) needs none, anything longer gets the heartbeat."""
+        with self._lock:
+            self.text, self._since = text, self.clock()
+            self._last_line = self._since
+
     def due(self) -> bool:
         """Would :meth:`update` print now? (Lets a caller skip computing a line.)"""
         return self.clock() - self._last_line >= self.every_s
@@ -157,5 +164,5 @@ def status(text: str, *, to: Console | None = None, every_s: float = 5.0):
     if interactive(to):
         return _Spinner(text, to)
     lines = ProgressLines(every_s, to=to)
-    lines.update(text, force=True)
+    lines.begin(text)
     return lines
