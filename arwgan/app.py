@@ -19,7 +19,7 @@ from arwgan.console import (
     CONTEXT_SETTINGS, EXIT_USAGE, VersionFlag, console, entry_point, fail, say, warn,
 )
 from arwgan.errors import DataError, UserError
-from arwgan.outputs import check_output_folder
+from arwgan.outputs import check_output_folder, os_reason
 from autotune.console import status
 from autotune.cli import autotune
 
@@ -189,6 +189,8 @@ def evaluate_command(
             warn("matplotlib is not installed: no chart (pip install 'arwgan-autotune[plot]')")
     except UserError as exc:
         raise _error(exc) from None
+    except OSError as exc:  # the disk filled up or the folder went away during the sweep
+        raise fail(f"cannot write '{exc.filename or out}': {os_reason(exc)}", code=1) from None
     say("wrote " + ", ".join(map(str, written)))
 
 

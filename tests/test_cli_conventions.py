@@ -491,3 +491,27 @@ def test_a_tuned_file_given_as_checkpoint_is_named(tmp_path: Path, capsys) -> No
     path.write_text("{}")
     assert run_typer(train_app, ["--resume", str(path)]) == EXIT_USAGE
     assert_one_error_line(capsys.readouterr().err, "is a JSON file, not a checkpoint (a tuned file? use --from-tuned)")
+
+
+def test_an_empty_json_object_is_not_a_tuned_file(tmp_path: Path) -> None:
+    from arwgan.errors import CheckpointError
+    from autotune.tuned import load_tuned
+
+    path = tmp_path / "t.json"
+    path.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"is not a tuned file \(it has no schema_version\)"):
+        load_tuned(path)
+
+
+def test_eval_reports_the_images_handed_out() -> None:
+    from arwgan.app import _Reporting
+
+    seen = []
+
+    class Progress:
+        def update(self, text: str, force: bool = False) -> None:
+            seen.append(text)
+
+    batches = [([0] * 4, None), ([0] * 4, None), ([0] * 2, None)]
+    assert list(_Reporting(batches, Progress(), 10)) == batches
+    assert seen == [f"evaluating: images {a}-{b} of 10" for a, b in ((1, 4), (5, 8), (9, 10))]
