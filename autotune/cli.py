@@ -67,6 +67,8 @@ def autotune(
         show_tuned(ctx, show, as_json)
         return
     try:
+        if target_mem is not None and not target_mem.strip():
+            raise UserError("--target-mem is empty; write e.g. 20GB, 20GiB, 512MiB or 80%")
         defaults = ModelConfig()
         model = ModelConfig(
             image_size=image_size if image_size is not None else defaults.image_size,

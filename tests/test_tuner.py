@@ -56,6 +56,7 @@ def test_default_cpu_target_is_half_the_available_ram(tiny_data_dir: Path) -> No
         (["--target-mem", "150%"], "150%"),
         (["--target-mem", "100TB"], "100TB"),
         (["--target-mem", "20"], "unit"),
+        (["--target-mem", ""], "--target-mem is empty"),
         (["--objective", "speed"], "objective"),
         (["--lr-rule", "cubic"], "cubic"),
         (["--precision", "fp8"], "fp8"),
