@@ -109,11 +109,11 @@ def entry_point(
         sys.exit(run_typer(app, argv))
 
     def main() -> None:
-        """Under torchrun (which names an error file), ``record`` puts an uncaught
+        """Under torchrun (which sets these variables), ``record`` puts an uncaught
         exception's traceback into the file the launcher reads, so its failure summary
         names the rank and the cause. Elsewhere it is not imported: it imports torch,
         and ``--help`` or a bad flag must answer at once."""
-        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        if {"TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"} & set(os.environ):
             from torch.distributed.elastic.multiprocessing.errors import record
 
             record(run)()

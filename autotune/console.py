@@ -91,6 +91,7 @@ class ProgressLines:
         self.clock = clock
         self.text = ""
         self._since = clock()
+        self._shown = False
         self._last_line = -math.inf
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -99,12 +100,13 @@ class ProgressLines:
     def _print(self, text: str) -> None:
         say(f"{time.strftime('%H:%M:%S')} {text}", to=self.to)
         self._last_line = self.clock()
+        self._shown = True
 
     def begin(self, text: str) -> None:
         """Record the state without a line: whatever ends within ``every_s`` (a user
         error found while probing) needs none, anything longer gets the heartbeat."""
         with self._lock:
-            self.text, self._since = text, self.clock()
+            self.text, self._since, self._shown = text, self.clock(), True
             self._last_line = self._since
 
     def due(self) -> bool:
@@ -114,16 +116,18 @@ class ProgressLines:
     def update(self, text: str, force: bool = False) -> None:
         with self._lock:
             if text != self.text:
-                self.text, self._since = text, self.clock()
+                self.text, self._since, self._shown = text, self.clock(), False
             if force or self.clock() - self._last_line >= self.every_s:
                 self._print(text)
 
     def heartbeat(self) -> None:
-        """Print the latest state, with how long it has lasted, when the log went quiet."""
+        """Print the latest state when the log went quiet: as is when it was never
+        printed, else with how long it has lasted."""
         with self._lock:
             now = self.clock()
             if self.text and now - self._last_line >= self.every_s:
-                self._print(f"{self.text} (for {now - self._since:.0f} s)")
+                age = f" (for {now - self._since:.0f} s)" if self._shown else ""
+                self._print(self.text + age)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every_s / 4):

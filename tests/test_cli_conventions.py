@@ -319,11 +319,13 @@ def test_progress_lines_are_rate_limited_and_a_quiet_log_gets_a_heartbeat() -> N
     clock.now = 3.0
     lines.heartbeat()                       # not quiet long enough
     clock.now = 5.5
-    lines.heartbeat()                       # quiet for 5.5 s: the latest state, with its age
-    clock.now = 6.0
+    lines.heartbeat()                       # quiet for 5.5 s: the latest state, not yet shown
+    clock.now = 11.0
+    lines.heartbeat()                       # still the same state: with its age
+    clock.now = 12.0
     lines.update("trial: batch 8", force=True)
     text = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in buffer.getvalue().splitlines()]
-    assert text == ["trial: batch 2", "trial: batch 4 (for 4 s)", "trial: batch 8"]
+    assert text == ["trial: batch 2", "trial: batch 4", "trial: batch 4 (for 10 s)", "trial: batch 8"]
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in buffer.getvalue().splitlines())
 
 
