@@ -517,3 +517,14 @@ def test_eval_reports_the_images_handed_out() -> None:
     batches = [([0] * 4, None), ([0] * 4, None), ([0] * 2, None)]
     assert list(_Reporting(batches, Progress(), 10)) == batches
     assert seen == [f"evaluating: images {a}-{b} of 10" for a, b in ((1, 4), (5, 8), (9, 10))]
+
+
+def test_the_seed_default_as_a_choice_follows_the_runs_rule() -> None:
+    from autotune.tuner import SEED_LOADER, TuneConfig, Tuner
+
+    tuner = Tuner(TuneConfig(device="cpu", lr_rule="sqrt", objective="throughput"))
+    choice = tuner.seed_choice(world=4)
+    assert (choice.batch_size, choice.num_workers, choice.precision) == (
+        SEED_LOADER.batch_size, SEED_LOADER.num_workers, "fp32")
+    assert choice.lr_g == pytest.approx(1e-3 * 2)  # sqrt of the global batch 64 over 16
+    assert (choice.world_size, choice.lr_rule) == (4, "sqrt")
