@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/arwgan-autotune $(DEMO_MODEL) --target-mem 3GB --max-batch 128 --max-trials 8 \
 		--lr-rule sqrt --trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
 	$(VENV)/bin/arwgan-train --from-tuned $(DEMO_OUT)/tuned.json --epochs 2 --steps-per-epoch 40 \
-		--val-images 128 --out $(DEMO_OUT)/train
+		--val-images 128 --out $(DEMO_OUT)/train --overwrite
 	$(VENV)/bin/arwgan-autotune --show $(DEMO_OUT)/tuned.json
 
 test: $(STAMP)

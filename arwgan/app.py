@@ -15,33 +15,40 @@ from typing import Annotated, Optional
 import typer
 
 from arwgan import cli
-from arwgan.cli import DEFAULT_TUNED, train
-from arwgan.console import EXIT_USAGE, console, entry_point, fail, say, warn
+from arwgan.cli import OPTIONAL_VALUES, Precision, _check_device, train
+from arwgan.console import (
+    CONTEXT_SETTINGS, EXIT_USAGE, VersionFlag, console, entry_point, fail, say, warn,
+)
 from arwgan.errors import DataError, UserError
+from arwgan.outputs import check_output_folder, os_reason
+from autotune.console import status
+from autotune.cli import autotune
 
 group = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: never truncated at a narrow terminal, no markup read
-    help="ARWGAN image watermarking: train a model, embed and extract messages, "
+    context_settings=CONTEXT_SETTINGS,
+    help="ARWGAN image watermarking: tune, train a model, embed and extract messages, "
     "measure robustness.",
 )
-group.command("train")(train)
+group.command("train", context_settings=CONTEXT_SETTINGS)(train)
+group.command("autotune", context_settings=CONTEXT_SETTINGS)(autotune)
 
 
 @group.callback(invoke_without_command=True)
-def _show_help_without_a_command(ctx: typer.Context) -> None:
+def _show_help_without_a_command(ctx: typer.Context, version: VersionFlag = False) -> None:
     # Not no_args_is_help: its error prints the help as it is built, and run_typer
-    # prints it once more.
+    # prints it once more. On stderr: a missing command is a usage error, not output.
     if ctx.invoked_subcommand is None:
-        typer.echo(ctx.get_help(), nl=False)  # typer's rich help prints itself, returns ''
+        typer.echo(ctx.get_help(), err=True)
         raise typer.Exit(EXIT_USAGE)
 
 
 Checkpoint = Annotated[
     Path, typer.Option("--checkpoint", "-c", help="Training checkpoint (runs/train/last.pt).")
 ]
-Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+DeviceName = Annotated[str, typer.Option("--device", callback=_check_device, help="auto | cpu | cuda | cuda:N.")]
 
 
 def _error(exc: UserError) -> typer.Exit:
@@ -60,13 +67,15 @@ def embed(
     checkpoint: Checkpoint,
     message: Annotated[str, typer.Option("--message", "-m", help="Exactly L digits 0/1, or short text (L // 8 UTF-8 bytes).")],
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG / WebP quality.")] = 95,
-    device: Device = "auto",
+    device: DeviceName = "auto",
 ) -> None:
     """Hide a message in images of any size (tiled; output keeps size, mode and format)."""
     from arwgan.inference import decode_message, embed_file, format_bits, load_watermarker, plan_embedding
 
     try:
         pairs = plan_embedding(source, target)
+        for folder in sorted({destination.parent for _, destination in pairs}):
+            check_output_folder(folder, "watermarked images")
         marker = load_watermarker(checkpoint, device)
         bits = marker.message(message)
     except UserError as exc:
@@ -105,7 +114,7 @@ def extract(
     image: Annotated[Path, typer.Argument(metavar="IMAGE", help="Image file, or folder (recursed).")],
     checkpoint: Checkpoint,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image (JSON Lines).")] = False,
-    device: Device = "auto",
+    device: DeviceName = "auto",
 ) -> None:
     """Print the decoded bits and a confidence per bit (0..1), one line per image."""
     from arwgan.inference import extract_file, format_bits, input_images, load_watermarker
@@ -145,8 +154,8 @@ def evaluate_command(
     max_images: Annotated[int, typer.Option(min=1, help="Evaluate on the first N images.")] = 1000,
     batch: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes.")] = 2,
-    device: Device = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 (fp16 needs CUDA).")] = "fp32",
+    device: DeviceName = "auto",
+    precision: Annotated[Precision, typer.Option(help="fp16 needs CUDA.")] = Precision.fp32,
     seed: Annotated[int, typer.Option(help="Seed of the messages and the attacks' randomness.")] = 0,
 ) -> None:
     """PSNR, SSIM and bit accuracy with no attack and under a sweep of real attacks."""
@@ -157,22 +166,20 @@ def evaluate_command(
     )
 
     try:
-        marker = load_watermarker(checkpoint, device, precision)
+        marker = load_watermarker(checkpoint, device, precision.value)
         files, description = evaluation_images(data_dir)
         files = files[:max_images]
-        try:  # before the sweep, which may take long, not after it
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot write to '{out}': {exc.strerror or exc}") from None
+        check_output_folder(out, "eval output folder")  # before the sweep, not after it
         say(
             f"evaluating on {len(files)} of the {description}, {len(STANDARD_ATTACKS)} attacks, "
             f"{marker.device} ({marker.precision})"
         )
         loader = evaluation_loader(files, marker.model_cfg, batch, workers, seed)
-        rows = evaluate_robustness(
-            marker.nets, loader, marker.device, marker.precision, STANDARD_ATTACKS,
-            max_images=len(files), seed=seed,
-        )
+        with status("evaluating") as progress:
+            rows = evaluate_robustness(
+                marker.nets, _Reporting(loader, progress, len(files)), marker.device,
+                marker.precision, STANDARD_ATTACKS, max_images=len(files), seed=seed,
+            )
         console.print(robustness_table(rows, len(files)))
         write_csv(rows, out / CSV_NAME)
         written = [out / CSV_NAME]
@@ -183,7 +190,27 @@ def evaluate_command(
             warn("matplotlib is not installed: no chart (pip install 'arwgan-autotune[plot]')")
     except UserError as exc:
         raise _error(exc) from None
+    except OSError as exc:  # the disk filled up or the folder went away during the sweep
+        raise fail(f"cannot write '{exc.filename or out}': {os_reason(exc)}", code=1) from None
     say("wrote " + ", ".join(map(str, written)))
+
+
+class _Reporting:
+    """A loader that reports how many images were handed out (every attack of a batch
+    is run before the next one is drawn)."""
+
+    def __init__(self, loader, progress, total: int) -> None:
+        self.loader, self.progress, self.total = loader, progress, total
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        done = 0
+        for batch in self.loader:
+            self.progress.update(f"evaluating: images {done + 1}-{min(done + len(batch[0]), self.total)} of {self.total}")
+            done += len(batch[0])
+            yield batch
 
 
 @group.command()
@@ -191,7 +218,7 @@ def doctor(
     data_dir: cli.DataDir = None,
     batch: cli.Batch = None,
     workers: cli.Workers = None,
-    precision: cli.Precision = None,
+    precision: cli.PrecisionOption = None,
     image_size: cli.ImageSize = None,
     message_bits: cli.MessageBits = None,
     channels: cli.Channels = None,
@@ -227,7 +254,7 @@ def doctor(
             "loader.pin_memory": pin_memory,
             "loader.persistent_workers": persistent_workers,
             "loader.prefetch_factor": prefetch_factor,
-            "precision": precision,
+            "precision": cli._value(precision),
             "model.image_size": image_size,
             "model.message_bits": message_bits,
             "model.channels": channels,
@@ -241,8 +268,8 @@ def doctor(
         if target_mem is None and tuned_target:
             target_mem = f"{int(tuned_target)}B"
         doctor_cfg = DoctorConfig(seconds=seconds, target_mem=target_mem)
-        with console.status("measuring") as status:
-            result = run_doctor(cfg, doctor_cfg, report=lambda message: status.update(message))
+        with status("measuring") as progress:
+            result = run_doctor(cfg, doctor_cfg, report=lambda message: progress.update(message))
         print_report(console, result)
         if plot is not None:
             say(f"wrote {plot_report(result, plot)}")
@@ -252,4 +279,4 @@ def doctor(
         typer.echo(doctor_json(result))
 
 
-main = entry_point(group, optional_values={"--from-tuned": DEFAULT_TUNED})
+main = entry_point(group, optional_values=OPTIONAL_VALUES)

@@ -7,47 +7,89 @@ see :mod:`arwgan.distributed`.
 
 from __future__ import annotations
 
+import os
+import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from arwgan.config import TrainConfig, parse_loss_weights, with_overrides
-from arwgan.console import EXIT_INTERRUPTED, console, entry_point, fail, say, warn
+from arwgan.config import LR_RULES, PRECISIONS, TrainConfig, parse_loss_weights, with_overrides
+from arwgan.console import (
+    CONTEXT_SETTINGS, EXIT_INTERRUPTED, VersionFlag, entry_point, fail, say, warn,
+)
 from arwgan.errors import TrainingDiverged, UserError
+from arwgan.outputs import check_output_folder, require_module
+from arwgan.runs import LATEST, prepare_run_folder, resolve_resume
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(
+    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings=CONTEXT_SETTINGS,
+)
+
+# Choices are enums so that click checks them while parsing (before torch is imported)
+# and --help lists them.
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)
+LrRule = Enum("LrRule", {name: name for name in LR_RULES}, type=str)
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _check_device(value: Optional[str]) -> Optional[str]:
+    if value is not None and not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return None if choice is None else choice.value
+
+
+def _rank_prefix() -> str:
+    """'rank N: ' under torchrun with several processes (read from the environment, so
+    that an error line needs no torch import)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
+
+
+def env_is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
 
 # Every option defaults to None ("not given"), so that a checkpoint (--resume) or a
 # tuned file (--from-tuned) supplies the value unless the user says otherwise.
 DataDir = Annotated[Optional[Path], typer.Option(help="Image folder (COCO 2017, HiDDeN train/val, or flat). Default: built-in synthetic set.")]
 Epochs = Annotated[Optional[int], typer.Option(help="Epochs to train. (default: 10)")]
-Batch = Annotated[Optional[int], typer.Option(help="Images per step. (default: 16)")]
+Batch = Annotated[Optional[int], typer.Option(help="Images per step. With --from-tuned, the tuned learning rates are rescaled to it with the file's rule. (default: 16)")]
 Workers = Annotated[Optional[int], typer.Option(help="DataLoader worker processes. (default: 4)")]
 Lr = Annotated[Optional[float], typer.Option(help="Learning rate of both Adam optimisers, for the per-process batch on one process (--lr-rule scales it under torchrun). (default: 1e-3)")]
-Precision = Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (fp16 needs CUDA). (default: fp32)")]
+PrecisionOption = Annotated[Optional[Precision], typer.Option("--precision", help="fp16 needs CUDA. (default: fp32)")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Square crop side in pixels. (default: 128)")]
 MessageBits = Annotated[Optional[int], typer.Option(help="Message length L. (default: 30)")]
 Channels = Annotated[Optional[int], typer.Option(help="Feature channels C. (default: 64)")]
 Noise = Annotated[Optional[str], typer.Option(help="Noise layers, HiDDeN grammar, '+'-joined; '' for identity only. (default: official ARWGAN set)")]
-Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N. (default: auto)")]
+Device = Annotated[Optional[str], typer.Option(callback=_check_device, help="auto | cpu | cuda | cuda:N. (default: auto)")]
 
 
-@app.command()
+@app.command(context_settings=CONTEXT_SETTINGS)
 def train(
     data_dir: DataDir = None,
     epochs: Epochs = None,
     batch: Batch = None,
     workers: Workers = None,
     lr: Lr = None,
-    precision: Precision = None,
+    precision: PrecisionOption = None,
     image_size: ImageSize = None,
     message_bits: MessageBits = None,
     channels: Channels = None,
     noise: Noise = None,
     device: Device = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder for log.csv and last.pt. (default: runs/train)")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is the base).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder for log.csv, last.pt and samples/; must be empty or new unless --resume continues it or --overwrite is given. (default: runs/train; with --resume, the checkpoint's folder)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint or run folder (its config is the base); given alone: the latest run under runs/.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out: its earlier run's log.csv, last.pt, samples/ and tensorboard/ are removed.")] = False,
+    save_every: Annotated[Optional[int], typer.Option(help="Also save last.pt every N steps (default: at the end of each epoch only).")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write a TensorBoard log into OUT/tensorboard (needs the tensorboard package).")] = None,
+    samples: Annotated[Optional[bool], typer.Option("--samples/--no-samples", help="Each epoch, OUT/samples/epoch_NNN.png: cover, watermarked and 10x residual. (default: on)")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from these network weights: our checkpoint or one saved by the official ARWGAN code (.pyt).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of every RNG. (default: 0)")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="Cap on steps per epoch. (default: whole train set)")] = None,
@@ -61,23 +103,34 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after the epoch in which this much time has passed.")] = None,
     from_tuned: Annotated[Optional[Path], typer.Option(help="Train with the configuration arwgan-autotune wrote (given alone: runs/tuned.json); explicit flags override it.")] = None,
     force: Annotated[bool, typer.Option(help="Use a tuned file even if it was made for another model config.")] = False,
-    lr_rule: Annotated[Optional[str], typer.Option(help="Under torchrun, scale the learning rates from the batch they were set for to the global batch (per-process batch x processes): linear | sqrt | none. (default: keep them; with --from-tuned: the tuned file's rule)")] = None,
+    lr_rule: Annotated[Optional[LrRule], typer.Option(help="Under torchrun, scale the learning rates from the batch they were set for to the global batch (per-process batch x processes). (default: keep them; with --from-tuned: the tuned file's rule)")] = None,
     sync_bn: Annotated[Optional[bool], typer.Option("--sync-bn/--no-sync-bn", help="Under torchrun on GPUs: SyncBatchNorm (statistics over the global batch).")] = None,
+    version: VersionFlag = False,
 ) -> None:
     """Train ARWGAN (attention-guided robust watermarking GAN)."""
-    from arwgan.distributed import env_world_size, is_main, rank_prefix
-    from arwgan.trainer import Interrupted, config_from_checkpoint, fit
-
+    # Everything up to fit() is checked without importing torch when neither --resume
+    # nor --from-tuned is given: a bad flag answers at once.
     try:
         if resume and from_tuned:
             raise UserError("--resume and --from-tuned exclude each other: a checkpoint carries its config")
         if resume and init_from:
             raise UserError("--resume and --init-from exclude each other: --resume continues a run")
-        base = config_from_checkpoint(resume) if resume else TrainConfig()
+        checkpoint = resolve_resume(resume) if resume is not None else None
+        if checkpoint is not None:
+            from arwgan.trainer import config_from_checkpoint
+
+            base = config_from_checkpoint(checkpoint)
+        else:
+            base = TrainConfig()
         if from_tuned is not None:
+            from arwgan.distributed import env_world_size
+
             base = tuned_base(
-                from_tuned, base, image_size, message_bits, channels, noise, force, env_world_size()
+                from_tuned, base, image_size, message_bits, channels, noise, force,
+                env_world_size(), batch=batch if lr is None else None,
             )
+        if out is None and checkpoint is not None:
+            out = checkpoint.parent  # continue the run where it lives, wherever it moved
         overrides = {
             "data_dir": str(data_dir) if data_dir is not None else None,
             "epochs": epochs,
@@ -89,7 +142,7 @@ def train(
             "optim.lr_g": lr,
             "optim.lr_d": lr,
             "optim.warmup_steps": warmup_steps,
-            "precision": precision,
+            "precision": _value(precision),
             "model.image_size": image_size,
             "model.message_bits": message_bits,
             "model.channels": channels,
@@ -103,38 +156,58 @@ def train(
             "max_minutes": max_minutes,
             # An explicit --lr is for the per-process batch on one process.
             "lr_world_size": 1 if lr is not None else None,
-            "lr_rule": lr_rule,
+            "lr_rule": _value(lr_rule),
             "sync_bn": sync_bn,
+            "save_every": save_every,
+            "tensorboard": tensorboard,
+            "samples": samples,
         }
         if loss_weights is not None:
             for key, value in parse_loss_weights(loss_weights).items():
                 overrides[f"model.weights.{key}"] = value
         cfg = with_overrides(base, overrides)
-        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
-            raise UserError(f"data folder '{cfg.data_dir}' does not exist")
-        # Passed only when given: fit's other callers and fakes keep their signature.
-        start = {"init_from": init_from} if init_from is not None else {}
-        result = fit(cfg, resume=resume, console=console, **start)
+        if cfg.data_dir is not None:
+            data = Path(cfg.data_dir)
+            if not data.exists():
+                raise UserError(f"data folder '{data}' does not exist")
+            if not data.is_dir():
+                raise UserError(f"data folder '{data}' is a file, not a folder")
+        if cfg.tensorboard:
+            require_module("tensorboard", "--tensorboard", "tensorboard")
+        if env_is_main():  # one process prepares the folder; the others write nothing
+            prepare_run_folder(cfg.out_dir, checkpoint, overwrite)
+            check_output_folder(cfg.out_dir, "output folder")
+        from arwgan.trainer import Interrupted, fit
+
+        try:
+            # Passed only when given: fit's other callers and fakes keep their signature.
+            start = {"init_from": init_from} if init_from is not None else {}
+            result = fit(cfg, resume=checkpoint, **start)
+        except Interrupted as exc:
+            if env_is_main():
+                say(f"{exc}; resume with --resume {exc.checkpoint.parent}")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     except UserError as exc:  # GpuNotUsable says exit 1: not a typo to correct
-        raise fail(rank_prefix() + str(exc), code=getattr(exc, "exit_code", 2)) from None
+        raise fail(_rank_prefix() + str(exc), code=getattr(exc, "exit_code", 2)) from None
     except TrainingDiverged as exc:
-        raise fail(rank_prefix() + str(exc), code=1) from None
-    except Interrupted as exc:
-        if is_main():
-            say(f"{exc}; resume with --resume {exc.checkpoint}")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    if is_main():
+        raise fail(_rank_prefix() + str(exc), code=1) from None
+    except OSError as exc:  # a disk that filled up or went read-only during the run
+        where = f" '{exc.filename}'" if exc.filename else ""
+        raise fail(f"cannot write{where}: {exc.strerror or exc}", code=1) from None
+    if env_is_main():
         say(f"done: {result.epochs_done} epoch(s); checkpoint {result.out_dir / 'last.pt'}")
 
 
 def tuned_base(
-    path, base, image_size, message_bits, channels, noise, force, world_size: int = 1
+    path, base, image_size, message_bits, channels, noise, force, world_size: int = 1,
+    batch: int | None = None,
 ) -> TrainConfig:
     """The TrainConfig a tuned file prescribes, after checking it still applies here.
 
     A file tuned for another number of processes keeps its per-process batch; its
     learning rates are rescaled for the new global batch with its own rule, and the
-    user is told so.
+    user is told so. ``batch`` (an explicit ``--batch`` without ``--lr``) replaces the
+    tuned batch, and the learning rates follow it with the same rule.
     """
     from dataclasses import replace
 
@@ -160,10 +233,14 @@ def tuned_base(
     fingerprint = device_fingerprint(gpu, probes.host.info(), torch_info(), device.type)
     warnings = check_tuned(tuned, wanted, fingerprint, force, path=path)
     choice, message = rescale_for_world_size(tuned.choice, world_size)
+    messages = [message] if message else []
+    if batch is not None and batch >= 1 and batch != choice.batch_size:
+        choice, message = rescale_for_batch(choice, batch)
+        messages.append(message)
     if is_main():
         for warning in warnings:
             warn(warning)
-        if message:
+        for message in messages:
             say(message)
     cfg = apply_tuned(replace(tuned, choice=choice), base)
     # The rates are now those of this world size's global batch; the rule stays with
@@ -171,17 +248,29 @@ def tuned_base(
     return replace(cfg, lr_rule=choice.lr_rule, lr_world_size=world_size)
 
 
+def rescale_for_batch(choice, batch: int):
+    """``choice`` at per-process batch ``batch``: the learning rates follow the global
+    batch with the choice's own rule (kept under 'none'). Returns the new choice and
+    the line that tells the user."""
+    from dataclasses import replace
+
+    from autotune.decisions import scale_lr
+
+    old_global, new_global = choice.batch_size * choice.world_size, batch * choice.world_size
+    lr_g = scale_lr(choice.lr_g, old_global, new_global, choice.lr_rule)
+    lr_d = scale_lr(choice.lr_d, old_global, new_global, choice.lr_rule)
+    message = (
+        f"--batch {batch} instead of the tuned {choice.batch_size}: learning rates "
+        f"G {choice.lr_g:.3g} -> {lr_g:.3g}, D {choice.lr_d:.3g} -> {lr_d:.3g} "
+        f"(the tuned file's {choice.lr_rule} rule; --lr sets them yourself)"
+    )
+    return replace(choice, batch_size=batch, lr_g=lr_g, lr_d=lr_d), message
+
+
 DEFAULT_TUNED = "runs/tuned.json"
-_main = entry_point(app, optional_values={"--from-tuned": DEFAULT_TUNED})
-
-
-def main() -> None:
-    """The installed ``arwgan-train``. Under torchrun, ``record`` puts an uncaught
-    exception's traceback into the error file the launcher reads, so its failure summary
-    names the rank and the cause (imported here: torch is slow to import for --help)."""
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(_main)()
+#: ``--from-tuned`` and ``--resume`` may be given without a value.
+OPTIONAL_VALUES = {"--from-tuned": DEFAULT_TUNED, "--resume": LATEST}
+main = entry_point(app, optional_values=OPTIONAL_VALUES)
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m arwgan.cli ...
     main()

@@ -2,17 +2,47 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import typer
 
 from autotune.console import console, error, note, say, warn
 
-__all__ = ["console", "error", "note", "say", "warn", "fail", "run_typer", "entry_point"]
+__all__ = [
+    "CONTEXT_SETTINGS", "VersionFlag", "console", "error", "note", "say", "warn", "fail",
+    "run_typer", "entry_point",
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+#: Every command: ``-h`` as well as ``--help``.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+
+def version_text() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"arwgan-autotune {version('arwgan-autotune')}"
+    except PackageNotFoundError:
+        return "arwgan-autotune (not installed: version unknown)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit()
+
+
+#: ``--version``: print the package version on stdout and exit, before anything else.
+VersionFlag = Annotated[
+    bool,
+    typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+]
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
@@ -72,10 +102,22 @@ def expand_optional_value(argv: Sequence[str], option: str, default: str) -> lis
 def entry_point(
     app: typer.Typer, optional_values: dict[str, str] | None = None
 ) -> Callable[[], None]:
-    def main() -> None:
+    def run() -> None:
         argv = sys.argv[1:]
         for option, default in (optional_values or {}).items():
             argv = expand_optional_value(argv, option, default)
         sys.exit(run_typer(app, argv))
+
+    def main() -> None:
+        """Under torchrun (which sets these variables), ``record`` puts an uncaught
+        exception's traceback into the file the launcher reads, so its failure summary
+        names the rank and the cause. Elsewhere it is not imported: it imports torch,
+        and ``--help`` or a bad flag must answer at once."""
+        if {"TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"} & set(os.environ):
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            record(run)()
+        else:
+            run()
 
     return main

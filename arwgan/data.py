@@ -130,8 +130,8 @@ def find_image_files(
         raise _no_images(root)
     if len(files) == 1:
         raise DataError(
-            f"only one image found under '{root}'; at least 2 are needed to hold one out"
-            " for validation"
+            f"only one image file under '{root}' ({files[0].name}); a flat folder needs at"
+            " least 2: one is held out for validation"
         )
     val_count = min(len(files) - 1, max(1, round(val_fraction * len(files))))
     ranked = sorted(

@@ -480,15 +480,26 @@ def plan_embedding(source: str | Path, target: str | Path) -> list[tuple[Path, P
     if source.is_file():
         destination = target / source.name if target.is_dir() else target
         output_format(destination)
+        if destination.resolve() == source.resolve():
+            raise UserError(f"'{destination}' is the input itself; give another output, the original must stay")
         return [(source, destination)]
     files = input_images(source)
     if target.exists() and not target.is_dir():
         raise UserError(f"'{target}' is a file; the output of a folder must be a folder")
     if target.resolve() == source.resolve():
         raise UserError("the output folder must differ from the input folder")
+    # An output folder inside the input one (``embed photos photos/marked``): its images
+    # are this command's earlier outputs, not inputs to watermark once more.
+    inside = target.resolve()
+    files = [file for file in files if not file.resolve().is_relative_to(inside)]
+    if not files:
+        raise DataError(f"no images under '{source}' outside the output folder '{target}'")
     pairs = [(file, target / file.relative_to(source)) for file in files]
+    inputs = {file.resolve() for file in files}
     for _, destination in pairs:
         output_format(destination)
+        if destination.resolve() in inputs:
+            raise UserError(f"'{destination}' is one of the inputs; give an output folder that holds none")
     return pairs
 
 

@@ -18,6 +18,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,11 +26,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from autotune.console import console as default_console, note, say, warn
+from autotune.console import ProgressLines, console as default_console, interactive, note, say, warn
+from autotune.device import CudaDevice, configure_cudnn, memory_capped
 from autotune.probes import HostProbe
 from autotune.telemetry import TrainingTelemetry, nvml_gpu_reader, starvation_hint, telemetry_text
-from autotune.device import CudaDevice, configure_cudnn, memory_capped
 from arwgan.checkpoint import (
+    atomic_write_bytes,
     load_checkpoint,
     load_model_weights,
     rng_states,
@@ -50,15 +52,21 @@ from arwgan.distributed import (
 )
 from arwgan.errors import CheckpointError, ConfigError, TrainingDiverged
 from arwgan.evaluate import evaluate
-from arwgan.step import LOSS_NAMES, GANStep, check_precision, resolve_device
+from arwgan.runs import CHECKPOINT_NAME, LOG_NAME, SAMPLES_DIR, TENSORBOARD_DIR
+from arwgan.step import LOSS_NAMES, GANStep, autocast, check_precision, resolve_device
 
-CHECKPOINT_NAME = "last.pt"
 #: log.csv's telemetry columns (autotune.telemetry), NaN where a figure is unavailable.
 TELEMETRY_COLUMNS = (
     "device_util_mean", "device_util_p10", "peak_process_memory_bytes", "power_w_mean",
     "workers_cpu_percent_mean",
 )
-LOG_NAME = "log.csv"
+#: Off a terminal, a progress line at least this often (and a heartbeat when a step or
+#: a validation pass takes longer).
+PROGRESS_LINE_S = 5.0
+#: Images in the per-epoch sample grid.
+SAMPLE_IMAGES = 8
+#: The residual (watermarked - cover) is this many times amplified in the sample grid.
+RESIDUAL_GAIN = 10
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -140,7 +148,7 @@ class FitResult:
 
 
 class Interrupted(Exception):
-    """Raised by fit() after Ctrl-C, once the checkpoint is safely on disk."""
+    """Raised by fit() after Ctrl-C or SIGTERM, once the checkpoint is safely on disk."""
 
     def __init__(self, checkpoint: Path) -> None:
         super().__init__(f"interrupted; checkpoint saved to {checkpoint}")
@@ -199,6 +207,11 @@ class Trainer:
         self.train_sampler = EpochSampler(
             len(self.train_set), seed=cfg.seed, epoch=0, rank=self.dist.rank, world_size=world
         )
+        self.workers_note = _oversubscription_note(cfg.loader.num_workers)
+        # torch warns on every loader and iterator it builds (at least twice a run), in a
+        # raw multi-line UserWarning; the note above says it once. (A process-wide
+        # filter: iterators are also built inside evaluate().)
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
         self.train_loader = make_loader(
             self.train_set, cfg.loader, self.train_sampler, drop_last=True
         )
@@ -234,6 +247,8 @@ class Trainer:
         self.epoch_step = 0
         self.nonfinite_streak = 0
         self.stop_requested = False
+        self.lines: ProgressLines | None = None
+        self.tensorboard = None
 
     # -- checkpoints ---------------------------------------------------------------------
     @property
@@ -352,8 +367,9 @@ class Trainer:
                     self.nonfinite_streak = 0
                     for name, value in result.as_dict().items():
                         loss_sums[name] = loss_sums.get(name, 0) + value
-                show = not progress.disable
-                if show and (steps % cfg.log_every == 0 or self.epoch_step == total_steps):
+                lines_due = self.lines is not None and self.lines.due()
+                show = not progress.disable or lines_due
+                if show and (steps % cfg.log_every == 0 or self.epoch_step == total_steps or lines_due):
                     # One device sync for the three figures, every log_every steps only.
                     elapsed = time.perf_counter() - start
                     good = max(steps - nonfinite, 1)
@@ -363,12 +379,20 @@ class Trainer:
                                      for n in ("g_loss", "d_loss", "bit_accuracy")]) / good
                     ).tolist()
                     mem = peak_memory_bytes(device) / 2**30
+                    rate = steps * batch * world / elapsed
+                    figures = f"G {g:.4f}  D {d:.4f}  bits {acc:.3f}  mem {mem:.2f} GiB"
                     progress.update(
-                        task,
-                        completed=self.epoch_step,
-                        stats=f"{steps * batch * world / elapsed:7.1f} img/s  G {g:.4f}  "
-                        f"D {d:.4f}  bits {acc:.3f}  mem {mem:.2f} GiB",
+                        task, completed=self.epoch_step, stats=f"{rate:7.1f} img/s  {figures}"
                     )
+                    if self.lines is not None:
+                        eta = (total_steps - self.epoch_step) * elapsed / steps
+                        self.lines.update(
+                            f"epoch {self.epoch + 1}/{cfg.epochs} step {self.epoch_step}/{total_steps}: "
+                            f"{rate:.1f} img/s, ETA {_duration(eta)} (epoch) | {figures}"
+                        )
+                if (cfg.save_every is not None and self.gan.step_count % cfg.save_every == 0
+                        and self.epoch_step < total_steps):
+                    self.save(self.epoch, self.epoch_step)
                 # Ctrl-C reaches the ranks at different moments: stop where any has seen
                 # it, all at the same step (one tiny all_reduce per step, only under DDP).
                 if self.dist.distributed:
@@ -452,6 +476,13 @@ class Trainer:
         }
         if not self.dist.is_main:
             return row
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.tensorboard.add_scalar(key, value, self.gan.step_count)
+            self.tensorboard.add_scalar("lr_g", self.optim.lr_g, self.gan.step_count)
+            self.tensorboard.add_scalar("lr_d", self.optim.lr_d, self.gan.step_count)
+            self.tensorboard.flush()
         path = self.out_dir / LOG_NAME
         new_file = not path.exists()
         with path.open("a", newline="") as fh:
@@ -501,14 +532,18 @@ class Trainer:
 
         def request_stop(signum, frame):
             self.stop_requested = True
-            signal.signal(signal.SIGINT, previous)
-            say("stopping after this step (Ctrl-C again to abort)", to=self.console)
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])
+            name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+            say(f"{name}: stopping after this step (Ctrl-C again to abort)", to=self.console)
 
-        previous = signal.signal(signal.SIGINT, request_stop)
+        # SIGTERM is how Slurm and Kubernetes preempt a job: save like Ctrl-C rather than
+        # lose the epoch. A second SIGTERM is ignored; the scheduler's SIGKILL follows anyway.
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _memory_cap(self):
         """--from-tuned on CUDA: hold the allocator under the share of the tuned target
@@ -527,6 +562,8 @@ class Trainer:
         result = FitResult(out_dir=self.out_dir, epochs_done=self.epoch)
         if self.lr_message:
             say(self.lr_message, to=self.console)
+        if self.workers_note:
+            note(self.workers_note, to=self.console)
         if cfg.sync_bn and world == 1:
             note("--sync-bn has no effect in a single process", to=self.console)
         where = f"{self.device}" if not self.dist.distributed else (
@@ -552,10 +589,15 @@ class Trainer:
             TextColumn("{task.fields[stats]}"),
             console=self.console,
             transient=True,
-            disable=not self.dist.is_main,
+            disable=not (self.dist.is_main and interactive(self.console)),
         )
+        if self.dist.is_main and progress.disable:
+            self.lines = ProgressLines(PROGRESS_LINE_S, to=self.console)
+        if self.dist.is_main and cfg.tensorboard:
+            self.tensorboard = _tensorboard_writer(self.out_dir / TENSORBOARD_DIR)
         started = time.perf_counter()
-        with progress, self._deferred_interrupt(), self._memory_cap():
+        with progress, self._deferred_interrupt(), self._memory_cap(), \
+                self.lines or contextlib.nullcontext(), self._tensorboard_closed():
             while self.epoch < cfg.epochs:
                 over_budget = (
                     cfg.max_minutes is not None
@@ -565,14 +607,91 @@ class Trainer:
                     say(f"time budget of {cfg.max_minutes:g} min reached", to=self.console)
                     break
                 stats = self.train_epoch(progress)
+                if self.lines is not None:
+                    self.lines.update(f"epoch {self.epoch + 1}/{cfg.epochs}: validating", force=True)
                 val = self.validate()
                 result.history.append(self.log_row(stats, val))
                 self.report(stats, val)
+                if cfg.samples and self.dist.is_main:
+                    self.write_samples()
                 self.epoch += 1
                 self.epoch_step = 0
                 self.save(self.epoch, 0)
                 result.epochs_done = self.epoch
         return result
+
+
+    @contextlib.contextmanager
+    def _tensorboard_closed(self):
+        try:
+            yield
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same validation images and messages every epoch."""
+        count = min(SAMPLE_IMAGES, len(self.val_set))
+        items = [self.val_set[index] for index in range(count)]
+        return torch.stack([item[0] for item in items]), torch.stack([item[1] for item in items])
+
+    @torch.no_grad()
+    def write_samples(self) -> Path:
+        """``samples/epoch_NNN.png``: a row of covers, a row of watermarked images and a
+        row of their residuals amplified RESIDUAL_GAIN times (grey is no change)."""
+        from torchvision.utils import make_grid
+
+        images, messages = self.sample_batch()
+        images, messages = self.gan.to_device(images, messages)
+        encoder = self.gan.nets.encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            with autocast(self.cfg.precision, self.device):
+                encoded = encoder(images, messages)
+        finally:
+            encoder.train(was_training)
+        encoded = encoded.float().clamp(-1, 1)
+        residual = ((encoded - images) * RESIDUAL_GAIN).clamp(-1, 1)
+        grid = make_grid(torch.cat([images, encoded, residual]).cpu(), nrow=len(images), padding=2)
+        pixels = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        path = self.out_dir / SAMPLES_DIR / f"epoch_{self.epoch + 1:03d}.png"
+        from PIL import Image
+
+        image = Image.fromarray(pixels)
+        atomic_write_bytes(path, lambda fh: image.save(fh, format="PNG"))
+        return path
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _oversubscription_note(workers: int) -> str | None:
+    """One line when more loader workers than usable cores were asked for (torch would
+    print its own UserWarning once per loader)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    if workers <= cores:
+        return None
+    return (
+        f"{workers} DataLoader workers on {cores} usable core(s): they compete for the CPU; "
+        f"lower --workers, or let arwgan-autotune measure the best count"
+    )
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs tensorboard: pip install 'arwgan-autotune[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def fit(

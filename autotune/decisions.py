@@ -18,8 +18,10 @@ __all__ = [
     "LR_RULES",
     "LR_WARNING_FACTOR",
     "PrecisionMeasurement",
+    "Verdict",
     "WorkerMeasurement",
     "choose_precision",
+    "judge_recommendation",
     "choose_workers",
     "lr_factor",
     "lr_warning",
@@ -192,3 +194,47 @@ def _unusable_reason(m: PrecisionMeasurement) -> str:
     if not m.finite:
         return "non-finite loss"
     return "no speed measured"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether the tuned file should hold the measured candidate or the seed default."""
+
+    keep_candidate: bool
+    speedup: float | None
+    """Candidate images/s over the seed default's, end to end; None when not measurable."""
+    message: str
+    """For the user: empty when the candidate is simply faster."""
+
+
+def judge_recommendation(
+    seed_images_per_s: float | None, candidate_images_per_s: float | None, objective: str
+) -> Verdict:
+    """The verdict on a tuning run from its end-to-end comparison.
+
+    For ``throughput`` the candidate is only worth recommending when it trained faster
+    than the seed default in the same run; otherwise (slower, equal, or not measurable)
+    the seed default is what to train with, and the message says so. For ``memory`` the
+    candidate was chosen for its size, not its speed, so it is kept and a slowdown is
+    stated plainly. A seed default that could not run at all leaves the candidate.
+    """
+    def usable(value: float | None) -> bool:
+        return value is not None and math.isfinite(value) and value > 0
+
+    if not usable(seed_images_per_s):
+        return Verdict(True, None, "" if usable(candidate_images_per_s) else
+                       "neither the seed default nor the candidate could be timed end to end")
+    if not usable(candidate_images_per_s):
+        keep = objective == "memory"
+        return Verdict(keep, None, "the candidate could not be timed end to end; "
+                       + ("kept for --objective memory" if keep else "the tuned file holds the seed default"))
+    speedup = candidate_images_per_s / seed_images_per_s
+    if speedup > 1.0:
+        return Verdict(True, speedup, "")
+    measured = (
+        f"the candidate trained at {candidate_images_per_s:,.1f} images/s, not faster than the "
+        f"seed default's {seed_images_per_s:,.1f} ({speedup:.2f}x)"
+    )
+    if objective == "memory":
+        return Verdict(True, speedup, f"{measured}; kept because --objective memory asks for the largest batch")
+    return Verdict(False, speedup, f"{measured}: the tuned file holds the seed default; train with it")

@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from arwgan.errors import UserError
 from autotune.console import warn
 from autotune.memory import format_bytes
+from autotune.tuned import TunedChoice
 from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
 
 
@@ -108,10 +110,19 @@ def ranks_table(result: TuneResult) -> Table | None:
 
 
 def recommendation_table(result: TuneResult) -> Table:
-    c = result.tuned.choice
-    comp = result.tuned.measurements["comparison"]
-    table = Table(title="Recommendation", title_justify="left")
-    for column in ("setting", "seed default", "recommended", "measured effect"):
+    m = result.tuned.measurements
+    verdict = m.get("verdict")
+    # When the candidate was not faster, the file holds the seed default: the table
+    # shows the candidate that was measured, and says plainly which one to use.
+    fallback = verdict is not None and not verdict["keep_candidate"]
+    c = TunedChoice(**m["candidate"]) if fallback else result.tuned.choice
+    comp = m["comparison"]
+    title = (
+        "Candidate: NOT faster than the seed default; the tuned file holds the seed default"
+        if fallback else "Recommendation"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("setting", "seed default", "candidate" if fallback else "recommended", "measured effect"):
         table.add_column(column)
     prec = {p.precision: p for p in result.precision}
     seed_p, rec_p = prec.get(SEED_PRECISION), prec.get(c.precision)
@@ -155,6 +166,9 @@ def recommendation_table(result: TuneResult) -> Table:
     storage = result.tuned.measurements.get("storage") or {}
     if storage.get("limit"):
         table.caption = storage["limit"]
+    if verdict is not None:
+        use = "seed default (in the tuned file)" if fallback else "recommended (in the tuned file)"
+        table.add_row("verdict", "", Text(use), Text(verdict["message"] or "faster than the seed default"))
     return table
 
 

@@ -174,6 +174,8 @@ def load_tuned(path: str | Path) -> TunedFile:
     if not isinstance(data, dict):
         raise CheckpointError(f"{where} does not hold a JSON object")
 
+    if "schema_version" not in data:
+        raise CheckpointError(f"{where} is not a tuned file (it has no schema_version); run arwgan-autotune")
     version = data.get("schema_version")
     if not _is_int(version) or version != SCHEMA_VERSION:
         raise CheckpointError(

@@ -54,6 +54,7 @@ from autotune.decisions import (
     WorkerMeasurement,
     choose_precision,
     choose_workers,
+    judge_recommendation,
     lr_warning,
     scale_lr,
     warmup_steps_for,
@@ -694,7 +695,14 @@ class Tuner:
         comparison = own_comparison
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
+        # Recommend only what was measured faster than the seed default (pure rule).
+        verdict = judge_recommendation(comparison["seed_default_images_per_s"],
+                                       comparison["recommended_images_per_s"], cfg.objective)
+        candidate, choice = choice, choice if verdict.keep_candidate else self.seed_choice(world)
+        self.warnings += [verdict.message] if verdict.message else []
         measurements = {
+            "verdict": asdict(verdict),
+            "candidate": asdict(candidate),
             "target_bytes": self.target,
             "context_bytes": self.context_bytes,
             "precision": [asdict(p) for p in precisions],
@@ -743,6 +751,18 @@ class Tuner:
             tool_version=_tool_version(),
         )
         return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
+
+    def seed_choice(self, world: int) -> TunedChoice:
+        """The seed default as a tuned choice, learning rates by this run's rule."""
+        global_batch = SEED_LOADER.batch_size * world
+        return TunedChoice(
+            batch_size=SEED_LOADER.batch_size, num_workers=SEED_LOADER.num_workers,
+            pin_memory=SEED_LOADER.pin_memory, persistent_workers=SEED_LOADER.persistent_workers,
+            prefetch_factor=SEED_LOADER.prefetch_factor, precision=SEED_PRECISION,
+            lr_g=self.lr(global_batch), lr_d=self.lr(global_batch),
+            warmup_steps=warmup_steps_for(self.cfg.lr_rule, global_batch / REFERENCE_BATCH),
+            lr_rule=self.cfg.lr_rule, objective=self.cfg.objective, world_size=world,
+        )
 
     def search_agreed(self, precision: str) -> SearchResult:
         """:meth:`search` on this rank; under torchrun, then the batch all ranks agree on

@@ -359,12 +359,32 @@ def _error_cases(files: dict[str, Path], checkpoint: Path, tmp_path: Path):
         ([*embed, tmp_path, files["a_file"]], "is a file; the output of a folder must be a folder"),
         (["eval", "-c", checkpoint, "--data-dir", tmp_path / "nope"], "nope' does not exist"),
         (["eval", "-c", checkpoint, "--data-dir", tmp_path, "--out", files["a_file"]],
-         "cannot write to"),
+         "is a file, not a folder"),
         (["eval", "-c", files["corrupt"], "--data-dir", tmp_path], "is unreadable"),
-        (["eval", "-c", checkpoint, "--data-dir", tmp_path, "--precision", "fp8"],
-         "unknown precision 'fp8'"),
-        (["extract", "-c", checkpoint, "--device", "tpu", image], "device 'tpu'"),
     ]
+
+
+def _parse_error_cases(files: dict[str, Path], checkpoint: Path, tmp_path: Path):
+    """Choices click checks while parsing: one line through run_typer, the installed path."""
+    return [
+        (["eval", "-c", checkpoint, "--data-dir", tmp_path, "--precision", "fp8"],
+         "'fp8' is not one of 'fp32', 'bf16', 'fp16'"),
+        (["extract", "-c", checkpoint, "--device", "tpu", files["image"]],
+         "'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ]
+
+
+def test_bad_choices_are_one_error_line_and_exit_2(
+    bad_files: dict[str, Path], trained_checkpoint: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from arwgan.console import run_typer
+
+    for argv, fragment in _parse_error_cases(bad_files, trained_checkpoint, tmp_path):
+        assert run_typer(group, [str(arg) for arg in argv]) == EXIT_USAGE
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert_one_error_line(captured.err, fragment)
 
 
 def test_bad_input_is_one_error_line_and_exit_2(

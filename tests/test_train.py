@@ -364,7 +364,8 @@ def test_checkpoint_contents_and_no_temporary_files(make_config, tmp_path: Path)
     cfg = make_config(epochs=2, steps_per_epoch=2)
     Trainer(cfg, quiet_console()).fit()
     out_dir = Path(cfg.out_dir)
-    assert sorted(os.listdir(out_dir)) == [CHECKPOINT_NAME, LOG_NAME]
+    assert sorted(os.listdir(out_dir)) == [CHECKPOINT_NAME, LOG_NAME, "samples"]
+    assert sorted(os.listdir(out_dir / "samples")) == ["epoch_001.png", "epoch_002.png"]
     state = load_checkpoint(out_dir / CHECKPOINT_NAME)
     assert set(state) == {"format_version", "config", "gan", "epoch", "epoch_step", "rng"}
     assert state["format_version"] == FORMAT_VERSION
