@@ -124,13 +124,11 @@ class ModelConfig:
             isinstance(self.decoder_jitter, (int, float)) and 0 <= self.decoder_jitter <= 1,
             f"decoder jitter must be in [0, 1], got {self.decoder_jitter!r}",
         )
-        # Parse now so that a bad spec fails where the config is built, not mid-run. The
-        # parser lives with the layers, whose module imports torch (seconds): the default
-        # and the empty spec are known to parse, so a bad flag answers without it.
-        if self.noise not in (OFFICIAL_NOISE, ""):
-            from arwgan.noise import parse_noise
+        # Parse now so that a bad spec fails where the config is built, not mid-run; the
+        # grammar imports no torch, so a bad --noise answers at once.
+        from arwgan.noise_spec import parse_noise
 
-            parse_noise(self.noise)
+        parse_noise(self.noise)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -442,6 +442,8 @@ except SystemExit as exc:
     ("autotune.cli", ["-h"]),
     ("autotune.cli", ["--objective", "speed"]),
     ("arwgan.app", ["train", "--epochs", "0"]),
+    ("arwgan.cli", ["--noise", "crop((0.2,0.3),(0.2,0.3))+blur(3)"]),
+    ("autotune.cli", ["--noise", "Jpeg(0)+dropout(1.5,0.6)"]),
 ])
 def test_help_and_bad_flags_answer_without_importing_torch(module: str, argv: list[str]) -> None:
     result = _python(code=IMPORTS_TORCH.format(module=module, argv=argv))
