@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -430,14 +429,14 @@ class HostProbe:
         return int(psutil.Process().memory_info().rss)
 
     def process_peak_rss_bytes(self) -> int | None:
-        """Peak resident memory of this process; None where ``resource`` is missing (Windows)."""
+        """Peak resident memory of this process (VmHWM, not a parent's peak carried across
+        exec); None where neither /proc nor ``resource`` exists (Windows)."""
         try:
-            import resource
+            from autotune.trial_server import peak_rss_bytes
+
+            return peak_rss_bytes()
         except ImportError:
             return None
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        # Linux reports KiB, macOS bytes.
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 class FakeHostProbe:

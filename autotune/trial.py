@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from autotune.oom import is_oom
 from autotune.search import TrialOutcome
+from autotune.trial_server import peak_rss_bytes
 
 #: Exit code of a trial subprocess stopped by its memory watchdog.
 EXIT_OVER_MEMORY = 86
@@ -88,10 +89,6 @@ class TrialMeasurement:
         )
 
 
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _noise_cycle(gan) -> int:
@@ -158,7 +155,7 @@ def _trial_body(spec: TrialSpec, device, cuda) -> TrialMeasurement:
     if cuda is not None:
         peak = cuda.peak_reserved_bytes(device.index or 0) + spec.context_bytes
     else:
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
     return TrialMeasurement(
         batch=spec.batch,
         ok=True,

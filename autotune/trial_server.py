@@ -345,7 +345,11 @@ def _reset_peak() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int | None:
+def peak_rss_bytes() -> int | None:
+    """Peak resident set of this process: VmHWM, whose count starts afresh with the new
+    address space of an exec (and at a reset). Not ``ru_maxrss`` where VmHWM exists: Linux
+    carries that maximum across execve, so a trial process spawned from a large parent
+    (subprocess uses vfork) would report the parent's peak instead of its own."""
     peak = _status_bytes("VmHWM")
     if peak is not None:
         return peak
@@ -387,7 +391,7 @@ def _child(request: dict, result_fd: int, base_rss: int | None) -> None:
             offset = base_rss - start_rss if None not in (base_rss, start_rss) else 0
             _watchdog(int(request["limit"]), offset)
         value = _resolve(request["target"])(request["payload"])
-        result = {"value": value, "peak_rss_bytes": _peak_rss_bytes(),
+        result = {"value": value, "peak_rss_bytes": peak_rss_bytes(),
                   "start_rss_bytes": start_rss, "peak_reset": reset}
     except BaseException as exc:  # noqa: BLE001 - reported to the owner, whatever it is
         traceback.print_exc()

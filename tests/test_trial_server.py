@@ -160,3 +160,21 @@ def test_server_module_imports_no_torch():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_spawned_process_reports_its_own_peak_not_its_parents():
+    """A trial process started with subprocess (vfork + exec) from a parent holding much
+    memory must report its own peak: Linux carries ru_maxrss across execve, which once
+    made every CPU trial spawned by a large tuner process report the tuner's peak."""
+    import subprocess
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux /proc")
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page: resident
+    code = "from autotune.trial_server import peak_rss_bytes; print(peak_rss_bytes())"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    del ballast
+    child_peak = int(result.stdout.strip())
+    assert child_peak < 200 * 2**20, f"child reported {child_peak / 2**20:.0f} MiB"
