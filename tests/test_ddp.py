@@ -65,6 +65,14 @@ def run_two_ranks(fn, *args) -> None:
     mp.spawn(_entry, args=(fn, free_port(), args), nprocs=2, join=True)
 
 
+def run_two_forked_ranks(fn, *args) -> None:
+    """As :func:`run_two_ranks`, but forked from this process: no fresh ``import torch``,
+    so a two-rank job costs about a second instead of ten (the fast tests use this)."""
+    mp.start_processes(
+        _entry, args=(fn, free_port(), args), nprocs=2, join=True, start_method="fork"
+    )
+
+
 def _batch(seed: int, n: int = 4):
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(n, 3, 16, 16, generator=generator) * 2 - 1
@@ -286,6 +294,157 @@ def test_ddp_step_on_different_shards_keeps_the_ranks_identical(tmp_path: Path) 
     params = [k for k in states[0] if not k.endswith(stats)]
     assert_same_tensors({k: states[0][k] for k in params}, {k: states[1][k] for k in params})
     assert not torch.equal(states[0]["encoder.stem.weight"], _single_process_state(3)["encoder.stem.weight"])
+
+
+def _averaging_worker(rank: int, out_dir: Path, steps: int) -> None:
+    from arwgan.step import GANStep
+
+    ctx = init_distributed("cpu")
+    try:
+        gan = GANStep(_tiny_model(), OptimConfig(), "fp32", CPU, seed=0, dist=ctx)
+        for step in range(steps):
+            gan(*_batch(10 * step + rank))
+        torch.save(gan.nets.state_dict(), out_dir / f"rank{rank}.pt")
+    finally:
+        cleanup()
+
+
+def _averaged_by_hand(steps: int) -> list[dict]:
+    """What data parallelism must compute, without any process group: two single-process
+    steps, one per rank's data, run side by side in threads; before every optimiser
+    update both wait, and each parameter's gradient is replaced by the mean of the two."""
+    import threading
+
+    from arwgan.step import GANStep
+
+    gans = [GANStep(_tiny_model(), OptimConfig(), "fp32", CPU, seed=0) for _ in range(2)]
+    barrier = threading.Barrier(2, timeout=120)
+
+    def averaged(optimizers: list[torch.optim.Optimizer], rank: int):
+        original = optimizers[rank].step
+
+        def step(*args, **kwargs):
+            barrier.wait()  # both ranks hold their own gradients
+            if rank == 0:
+                pairs = zip(*(
+                    [p for group in opt.param_groups for p in group["params"]] for opt in optimizers
+                ))
+                for p0, p1 in pairs:
+                    assert (p0.grad is None) == (p1.grad is None)
+                    if p0.grad is not None:
+                        mean = (p0.grad + p1.grad) / 2
+                        p0.grad.copy_(mean)
+                        p1.grad.copy_(mean)
+            barrier.wait()  # the mean is in place on both
+            return original(*args, **kwargs)
+
+        return step
+
+    for rank, gan in enumerate(gans):
+        gan.opt_d.step = averaged([g.opt_d for g in gans], rank)
+        gan.opt_g.step = averaged([g.opt_g for g in gans], rank)
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            for step in range(steps):
+                gans[rank](*_batch(10 * step + rank))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [gan.nets.state_dict() for gan in gans]
+
+
+def _alone(rank: int, steps: int) -> dict:
+    """One process training on ``rank``'s data alone."""
+    from arwgan.step import GANStep
+
+    gan = GANStep(_tiny_model(), OptimConfig(), "fp32", CPU, seed=0)
+    for step in range(steps):
+        gan(*_batch(10 * step + rank))
+    return gan.nets.state_dict()
+
+
+def _parameters(state: dict) -> dict:
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    return {k: v for k, v in state.items() if not k.endswith(stats)}
+
+
+def test_ddp_on_different_data_equals_one_process_averaging_the_two_gradients(
+    tmp_path: Path,
+) -> None:
+    """Two ranks, each on its own data, for three steps: every rank's parameters equal
+    those of one process that averages the two ranks' gradients before each update, and
+    differ from training on either rank's data alone."""
+    steps = 3
+    run_two_forked_ranks(_averaging_worker, tmp_path, steps)
+    by_hand = _parameters(_averaged_by_hand(steps)[0])
+    for rank in range(2):
+        ddp = _parameters(torch.load(tmp_path / f"rank{rank}.pt"))
+        assert_same_tensors(ddp, by_hand, exact=False, atol=1e-6)
+    for rank in range(2):
+        alone = _parameters(_alone(rank, steps))
+        gap = max((alone[k] - by_hand[k]).abs().max().item() for k in by_hand)
+        assert gap > 1e-4, f"rank {rank} alone gives the averaged model"
+
+
+def _observing_fit_worker(rank: int, cfg_dict: dict, out_dir: Path) -> None:
+    """Train under the trainer and record each training step's cover images, encoder
+    output and decoder input."""
+    ctx = init_distributed("cpu")
+    try:
+        trainer = Trainer(TrainConfig.from_dict(cfg_dict), Console(file=io.StringIO()), ctx)
+        seen: dict[str, list] = {"covers": [], "encoded": [], "decoded_from": []}
+
+        def on_encoder(module, inputs, output):
+            if module.training:
+                seen["covers"].append(inputs[0].detach().clone())
+                seen["encoded"].append(output.detach().clone())
+
+        def on_decoder(module, inputs):
+            if module.training:
+                seen["decoded_from"].append(inputs[0].detach().clone())
+
+        trainer.gan.nets.encoder.register_forward_hook(on_encoder)
+        trainer.gan.nets.decoder.register_forward_pre_hook(on_decoder)
+        trainer.fit()
+        torch.save(seen, out_dir / f"seen{rank}.pt")
+    finally:
+        cleanup()
+
+
+def test_ranks_train_on_disjoint_shards_with_their_own_noise(make_config, tmp_path: Path) -> None:
+    """Under the trainer, no image reaches both ranks, and where both applied dropout in
+    the same step (the layer choice is shared), their masks differ: each rank draws from
+    its own noise stream."""
+    steps = 6
+    cfg = make_config(batch_size=4, steps_per_epoch=steps, val_images=8, noise="dropout(0.5,0.5)")
+    run_two_forked_ranks(_observing_fit_worker, cfg.to_dict(), tmp_path)
+    seen = [torch.load(tmp_path / f"seen{rank}.pt") for rank in range(2)]
+    assert [len(s["covers"]) for s in seen] == [steps, steps]
+    images = [torch.cat(s["covers"]).flatten(1) for s in seen]
+    # Each pair (rank 0 image, rank 1 image) is a different picture.
+    assert torch.cdist(images[0], images[1]).min() > 1e-3
+    masks_compared = 0
+    for step in range(steps):
+        masks = []
+        for s in seen:
+            cover, encoded, got = s["covers"][step], s["encoded"][step], s["decoded_from"][step]
+            if torch.equal(got, encoded):
+                continue  # identity this step
+            masks.append((got == encoded).all(dim=1) & (encoded != cover).any(dim=1))
+        if len(masks) == 2:
+            masks_compared += 1
+            assert not torch.equal(masks[0], masks[1]), f"step {step}: the same dropout mask"
+    assert masks_compared >= 1
 
 
 # -- the trainer ------------------------------------------------------------------------
