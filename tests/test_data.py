@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -413,10 +412,8 @@ def test_synthetic_marker_means_no_regeneration(tiny_synthetic, monkeypatch):
         raise AssertionError("regenerated")
 
     monkeypatch.setattr(synthetic, "synthetic_image", fail)
-    start = time.perf_counter()
     again = ensure_synthetic_dataset(tiny_synthetic.parent, train_count=12, val_count=4, size=40)
     assert again == tiny_synthetic
-    assert time.perf_counter() - start < 0.1
     assert (tiny_synthetic / MARKER_NAME).is_file()
 
 

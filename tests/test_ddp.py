@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -683,16 +682,16 @@ def test_ranks_agree_on_the_smallest_batch_and_the_file_names_the_limiting_rank(
 # -- torchrun itself --------------------------------------------------------------------
 
 
-def _torchrun(args: list[str], cwd: Path, timeout: float = 120, script: list[str] | None = None):
+def _torchrun(args: list[str], cwd: Path, script: list[str] | None = None,
+              collective_timeout_s: int = 120):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
         *(script or ["-m", "arwgan.cli"]), *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ARWGAN_DIST_TIMEOUT_S": "120"}
-    started = time.perf_counter()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.perf_counter() - started
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ARWGAN_DIST_TIMEOUT_S": str(collective_timeout_s)}
+    # The limit only turns a hang into a failure; no test measures how long a job takes.
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _tuned_file(path: Path) -> Path:
@@ -720,7 +719,7 @@ def test_torchrun_trains_from_a_tuned_file_with_rescaled_learning_rates(
 ) -> None:
     tuned = _tuned_file(tmp_path / "tuned.json")
     out = tmp_path / "run"
-    proc, _ = _torchrun(
+    proc = _torchrun(
         ["--from-tuned", str(tuned), "--data-dir", str(tiny_data_dir), "--epochs", "1",
          "--steps-per-epoch", "2", "--val-images", "8", "--device", "cpu", "--out", str(out)],
         cwd=tmp_path,
@@ -740,8 +739,9 @@ def test_torchrun_trains_from_a_tuned_file_with_rescaled_learning_rates(
 @pytest.mark.slow
 def test_a_failing_rank_stops_the_whole_job_with_its_error(tiny_data_dir: Path, tmp_path: Path) -> None:
     """Rank 1 raises in its second step while rank 0 waits for it in DDP's all-reduce:
-    torchrun ends the job at once (no hang until the collective timeout) and reports
-    rank 1's exception."""
+    torchrun ends the job and reports rank 1's exception. The collectives' timeout is
+    set far beyond the subprocess's limit, so the job can only end because torchrun
+    stopped rank 0, never because rank 0's all-reduce gave up waiting."""
     wrapper = tmp_path / "train_failing_rank.py"
     wrapper.write_text(textwrap.dedent("""
         import os
@@ -761,15 +761,14 @@ def test_a_failing_rank_stops_the_whole_job_with_its_error(tiny_data_dir: Path, 
 
         main()
     """))
-    proc, seconds = _torchrun(
+    proc = _torchrun(
         ["--data-dir", str(tiny_data_dir), *TINY_FLAGS, "--batch", "4", "--epochs", "1",
          "--steps-per-epoch", "4", "--out", str(tmp_path / "run")],
-        cwd=tmp_path, script=[str(wrapper)],
+        cwd=tmp_path, script=[str(wrapper)], collective_timeout_s=24 * 3600,
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text
     assert "injected failure on rank 1" in text, text
-    assert seconds < 100, f"the job took {seconds:.0f} s to stop"
 
 
 

@@ -316,7 +316,16 @@ def test_describe_machine_with_fakes_is_json_and_selects_the_device():
     assert described["host"] == asdict(HOST)
     assert described["torch"] == asdict(TORCH)
     assert described["process_rss_bytes"] == 123
-    assert described["fingerprint"] == device_fingerprint(make_gpu(1, "second"), HOST, TORCH, "cuda")
+    assert described["fingerprint"] == {
+        "device_type": "cuda",
+        "gpu_name": "second",
+        "gpu_total_bytes": 80 * GiB,
+        "driver_version": "550.54.15",
+        "torch_version": "2.5.1+cu124",
+        "cuda_version": "12.4",
+        "usable_cores": 8,
+        "cpu_name": "Test CPU 9000",
+    }
 
 
 def test_describe_machine_on_cpu_has_no_selected_gpu():
