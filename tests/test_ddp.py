@@ -414,7 +414,18 @@ def _observing_fit_worker(rank: int, cfg_dict: dict, out_dir: Path) -> None:
 
         trainer.gan.nets.encoder.register_forward_hook(on_encoder)
         trainer.gan.nets.decoder.register_forward_pre_hook(on_decoder)
-        trainer.fit()
+        from arwgan.step import GANStep
+
+        call = GANStep.__call__
+        seen["g_loss"] = []
+
+        def recording_step(self, images, messages):  # this forked process's class only
+            result = call(self, images, messages)
+            seen["g_loss"].append(float(result.g_loss))
+            return result
+
+        GANStep.__call__ = recording_step
+        seen["history"] = trainer.fit().history
         torch.save(seen, out_dir / f"seen{rank}.pt")
     finally:
         cleanup()
@@ -423,7 +434,7 @@ def _observing_fit_worker(rank: int, cfg_dict: dict, out_dir: Path) -> None:
 def test_ranks_train_on_disjoint_shards_with_their_own_noise(make_config, tmp_path: Path) -> None:
     """Under the trainer, no image reaches both ranks, and where both applied dropout in
     the same step (the layer choice is shared), their masks differ: each rank draws from
-    its own noise stream."""
+    its own noise stream. The logged epoch loss averages both ranks' steps."""
     steps = 6
     cfg = make_config(batch_size=4, steps_per_epoch=steps, val_images=8, noise="dropout(0.5,0.5)")
     run_two_forked_ranks(_observing_fit_worker, cfg.to_dict(), tmp_path)
@@ -444,6 +455,10 @@ def test_ranks_train_on_disjoint_shards_with_their_own_noise(make_config, tmp_pa
             masks_compared += 1
             assert not torch.equal(masks[0], masks[1]), f"step {step}: the same dropout mask"
     assert masks_compared >= 1
+    # The epoch's logged loss is the mean over both ranks' steps, on both ranks.
+    per_rank = [sum(s["g_loss"]) / len(s["g_loss"]) for s in seen]
+    for s in seen:
+        assert s["history"][0]["train_g_loss"] == pytest.approx(sum(per_rank) / 2, abs=2e-6)
 
 
 # -- the trainer ------------------------------------------------------------------------
