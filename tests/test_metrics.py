@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,7 +80,8 @@ def test_ssim_of_constant_images_by_hand(a_value: float, b_value: float) -> None
     # about 1e-6 where mu is near 1; next to C2 = 9e-4 that moves SSIM by up to ~1e-3 of
     # its value (measured: 1e-4 absolute at most for these three pairs).
     mu_a, mu_b = (a_value + 1) / 2, (b_value + 1) / 2
-    expected = (2 * mu_a * mu_b + SSIM_C1) / (mu_a**2 + mu_b**2 + SSIM_C1)
+    c1 = 0.01**2  # Wang et al.: (K1 L)^2 with K1 = 0.01, L = 1
+    expected = (2 * mu_a * mu_b + c1) / (mu_a**2 + mu_b**2 + c1)
     ssim = ssim_per_image(_full(a_value, size=16), _full(b_value, size=16))
     assert ssim.item() == pytest.approx(expected, abs=3e-4)
 
@@ -225,3 +227,70 @@ def test_official_ssim_form_matches_pytorch_ssim_computed_by_hand():
     assert got == pytest.approx(_pytorch_ssim_by_hand(shifted[0], textured[0]), abs=1e-5)
     # The reported form (on [0, 1], 'valid') charges the same shift far less.
     assert 1 - float(ssim_per_image(shifted, textured)[0]) < (1 - got) / 3
+
+
+# -- against an independent implementation -------------------------------------------
+
+
+def _textured(seed: int, size: int = 32) -> np.ndarray:
+    """A (3, size, size) image in [0, 1] with texture at several scales: smooth ramps,
+    stripes and pixel noise, so that every SSIM window sees real variance."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    channels = []
+    for c in range(3):
+        ramp = 0.5 + 0.3 * np.sin(2 * np.pi * (x * (c + 1) + y * rng.uniform(0.5, 2)))
+        stripes = 0.15 * np.sign(np.sin(2 * np.pi * x * rng.integers(3, 7)))
+        channels.append(ramp + stripes + 0.1 * rng.standard_normal((size, size)))
+    return np.clip(np.stack(channels), 0, 1)
+
+
+def _ssim_numpy(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two (C, H, W) images on [0, 1], written from Wang et al. (2004): an
+    11x11 Gaussian window of sigma 1.5 normalised to sum 1, placed at every position
+    where it fits inside the image; per window the weighted means, variances and
+    covariance (weighted sums of deviations from the window's mean); K1 = 0.01,
+    K2 = 0.03, L = 1; the mean over windows and channels."""
+    size, sigma = 11, 1.5
+    offsets = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(offsets**2) / (2 * sigma**2))
+    weights = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * 1) ** 2, (0.03 * 1) ** 2
+    values = []
+    channels, height, width = a.shape
+    for c in range(channels):
+        for i in range(height - size + 1):
+            for j in range(width - size + 1):
+                x = a[c, i : i + size, j : j + size]
+                y = b[c, i : i + size, j : j + size]
+                mx, my = (weights * x).sum(), (weights * y).sum()
+                vx = (weights * (x - mx) ** 2).sum()
+                vy = (weights * (y - my) ** 2).sum()
+                cov = (weights * (x - mx) * (y - my)).sum()
+                values.append(
+                    ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+                )
+    return float(np.mean(values))
+
+
+def _as_model_range(unit: np.ndarray) -> torch.Tensor:
+    """A [0, 1] numpy image as a (1, C, H, W) float32 tensor in the models' [-1, 1]."""
+    return torch.from_numpy(unit * 2 - 1).float()[None]
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.1, 0.3])
+def test_ssim_matches_an_independent_implementation_on_textured_images(noise: float) -> None:
+    cover = _textured(0)
+    rng = np.random.default_rng(1)
+    distorted = np.clip(cover + noise * rng.standard_normal(cover.shape), 0, 1)
+    expected = _ssim_numpy(cover, distorted)
+    got = ssim_per_image(_as_model_range(cover), _as_model_range(distorted)).item()
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_psnr_matches_the_textbook_formula_on_textured_images() -> None:
+    cover, other = _textured(2), _textured(3)
+    mse = np.mean((cover - other) ** 2)  # on [0, 1], peak 1
+    expected = 10 * np.log10(1.0 / mse)
+    got = psnr_per_image(_as_model_range(cover), _as_model_range(other)).item()
+    assert got == pytest.approx(expected, abs=1e-3)

@@ -372,7 +372,9 @@ def test_device_fingerprint_gpu_and_cpu(monkeypatch):
     assert cpu["gpu_name"] is cpu["gpu_total_bytes"] is cpu["driver_version"] is None
 
 
-def test_describe_machine_with_fakes_is_json_and_selects_the_device():
+def test_describe_machine_with_fakes_is_json_and_selects_the_device(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     probes = fake_probes([make_gpu(0, "first"), make_gpu(1, "second")])
     described = describe_machine(probes, "cuda:1")
     json.dumps(described)
@@ -383,7 +385,17 @@ def test_describe_machine_with_fakes_is_json_and_selects_the_device():
     assert described["host"] == asdict(HOST)
     assert described["torch"] == asdict(TORCH)
     assert described["process_rss_bytes"] == 123
-    assert described["fingerprint"] == device_fingerprint(make_gpu(1, "second"), HOST, TORCH, "cuda")
+    assert described["fingerprint"] == {
+        "device_type": "cuda",
+        "gpu_name": "second",
+        "gpu_total_bytes": 80 * GiB,
+        "driver_version": "550.54.15",
+        "torch_version": "2.5.1+cu124",
+        "cuda_version": "12.4",
+        "allocator_config": None,
+        "usable_cores": 8,
+        "cpu_name": "Test CPU 9000",
+    }
 
 
 def test_describe_machine_on_cpu_has_no_selected_gpu():
