@@ -28,8 +28,13 @@ DEFAULT_OUT = Path("runs/tuned.json")
 @app.command()
 def autotune(
     target_mem: Annotated[Optional[str], typer.Option(help="Memory target: 20GB, 20GiB, 20000MB or 80% (of the device). (default: 90% of the GPU; half the available RAM on CPU)")] = None,
-    objective: Annotated[str, typer.Option(help="throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = "throughput",
-    lr_rule: Annotated[str, typer.Option(help="How the learning rate follows the batch: linear | sqrt | none.")] = "linear",
+    objective: Annotated[str, typer.Option(help="goodput: the batch with the most training progress per second (images/s x statistical efficiency from the measured gradient noise scale); throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = "goodput",
+    lr_rule: Annotated[Optional[str], typer.Option(help="How the learning rate follows the batch: adascale (goodput only) | linear | sqrt | none. (default: adascale with goodput, else linear)")] = None,
+    find_edge: Annotated[bool, typer.Option("--find-edge", help="Search the memory edge even after the score has peaked (--objective memory always does).")] = False,
+    noise_steps: Annotated[int, typer.Option(help="Goodput: gradient-noise measurements (each a batch of 4 x 16).")] = 16,
+    from_checkpoint: Annotated[Optional[Path], typer.Option(help="Goodput: measure the noise scale on this training checkpoint (RUN/last.pt) and recommend the batch for the rest of the run.")] = None,
+    try_compile: Annotated[bool, typer.Option("--try-compile", help="Measure torch.compile (compile time included) and use it when it pays within --planned-epochs.")] = False,
+    planned_epochs: Annotated[int, typer.Option(help="Epochs the training run will last (decides whether compiling pays).")] = 10,
     precision: Annotated[Optional[str], typer.Option(help="Force fp32 | bf16 | fp16 instead of measuring them.")] = None,
     data_dir: DataDir = None,
     image_size: ImageSize = None,
@@ -50,7 +55,7 @@ def autotune(
     seed: Annotated[int, typer.Option(help="Seed of every RNG.")] = 0,
     show: Annotated[Optional[Path], typer.Option(help="Measure nothing: print the tables of an existing tuned file.")] = None,
 ) -> None:
-    """Measure this machine and choose batch, precision, workers and learning rate for ARWGAN."""
+    """Measure this machine and choose batch, precision, workers, knobs and learning rate for ARWGAN."""
     from autotune.report import machine_table, plot_trials, print_report, result_from_tuned
     from autotune.search import SearchError
     from autotune.tuned import load_tuned, save_tuned
@@ -76,6 +81,8 @@ def autotune(
         )
         if data_dir is not None and not data_dir.is_dir():
             raise UserError(f"data folder '{data_dir}' does not exist")
+        if from_checkpoint is not None and not from_checkpoint.is_file():
+            raise UserError(f"checkpoint '{from_checkpoint}' does not exist")
         if plot is not None and plot.suffix.lower() != ".png":
             raise UserError(f"--plot wants a .png file, got '{plot}'")
         cfg = TuneConfig(
@@ -94,6 +101,11 @@ def autotune(
             max_workers=max_workers,
             compare_steps=compare_steps,
             seed=seed,
+            find_edge=find_edge,
+            noise_steps=noise_steps,
+            from_checkpoint=str(from_checkpoint) if from_checkpoint is not None else None,
+            try_compile=try_compile,
+            planned_epochs=planned_epochs,
         )
         # Under torchrun: join the process group; this rank tunes cuda:LOCAL_RANK (or the CPU).
         ctx = init_distributed(cfg.device, timeout_s=tuner_timeout_s(cfg))

@@ -38,6 +38,7 @@ from autotune.oom import is_oom
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, HostInfo, Probes, TorchInfo
 from autotune.trial import TrialSpec, run_trial
 from autotune.tuner import TuneConfig, Tuner
+from autotune.timing import TimingConfig
 from helpers import assert_one_error_line
 
 # The fake CUDA device makes the tuner ask for pinned batches on a CPU-only torch.
@@ -114,7 +115,8 @@ def fake_gpu(monkeypatch):
 def tune_config(tiny_data_dir: Path, **overrides) -> TuneConfig:
     cfg = dict(model=MODEL, data_dir=str(tiny_data_dir), device="cuda", target_mem="8GB",
                max_workers=0, compare_rounds=1, compare_steps=3, worker_steps=3,
-               measure_images=16, trial_images=8, max_trials=8, max_batch=256)
+               measure_images=16, max_trials=8, max_batch=256, objective="throughput",
+               timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1))
     cfg.update(overrides)
     return TuneConfig(**cfg)
 
@@ -410,7 +412,7 @@ def test_trials_and_training_set_the_same_cudnn_flags(monkeypatch, make_config):
     monkeypatch.setattr(autotune.device, "configure_cudnn", calls.append)
     monkeypatch.setattr(arwgan.trainer, "configure_cudnn", calls.append)
     run_trial(TrialSpec(model=MODEL.to_dict(), precision="fp32", device="cpu", batch=2,
-                        warmup_steps=1, measure_steps=1))
+                        timing=dict(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1)))
     Trainer(make_config(), Console(file=io.StringIO()))
     assert calls == ["cpu", "cpu"]
 

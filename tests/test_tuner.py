@@ -15,6 +15,7 @@ from autotune.cli import app as tune_app
 from autotune.probes import FakeHostProbe, HostInfo
 from autotune.tuned import load_tuned
 from autotune.tuner import TuneConfig, Tuner, worker_candidates
+from autotune.timing import TimingConfig
 from helpers import assert_one_error_line
 
 TINY_MODEL = ["--image-size", "16", "--message-bits", "4", "--channels", "8", "--noise", ""]
@@ -229,8 +230,8 @@ def test_objective_memory_lands_between_85_and_100_percent_of_a_small_target(tin
     cfg = TuneConfig(
         model=TuneConfig().model.__class__(image_size=32, message_bits=8, channels=16, noise=""),
         data_dir=str(tiny_data_dir), device="cpu", target_mem="1.6GB", objective="memory",
-        precision="fp32", start_batch=8, max_batch=4096, max_trials=12, measure_steps=1, trial_images=8,
-        warmup_steps=1, trial_budget_s=60,
+        precision="fp32", start_batch=8, max_batch=4096, max_trials=12, trial_budget_s=60,
+        timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1),
     )
     tuner = Tuner(cfg)
     tuner.probe()
