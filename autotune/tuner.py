@@ -563,9 +563,10 @@ class Tuner:
         noise_g, noise_d = NoiseScale(), NoiseScale()
         started = time.perf_counter()
         with self._memory_capped():
-            for i, ((images, messages), (big, big_messages)) in enumerate(zip(train_loader, noise_loader)):
+            for i, (train_batch, noise_batch) in enumerate(zip(train_loader, noise_loader)):
                 if i >= cfg.noise_steps:
                     break
+                (images, messages, *_), (big, big_messages, *_) = train_batch, noise_batch
                 self.report(f"noise scale: measurement {i + 1} of {cfg.noise_steps}")
                 if cfg.from_checkpoint is None:
                     gan(*gan.to_device(images, messages))
