@@ -47,7 +47,7 @@ def train(
     noise: Noise = None,
     device: Device = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for log.csv and last.pt. (default: runs/train)")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is the base).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (its config is the base; with --from-tuned, the tuned settings apply to the rest of the run).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of every RNG. (default: 0)")] = None,
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="Cap on steps per epoch. (default: whole train set)")] = None,
     val_images: Annotated[Optional[int], typer.Option(help="Validation images per epoch. (default: 512)")] = None,
@@ -68,13 +68,16 @@ def train(
     from arwgan.trainer import Interrupted, config_from_checkpoint, fit
 
     try:
-        if resume and from_tuned:
-            raise UserError("--resume and --from-tuned exclude each other: a checkpoint carries its config")
         base = config_from_checkpoint(resume) if resume else TrainConfig()
         if from_tuned is not None:
-            base = tuned_base(
+            # With --resume: the hand-off of arwgan-autotune --from-checkpoint, the rest
+            # of the run under the tuned loader, precision and learning rates.
+            tuned_cfg = tuned_base(
                 from_tuned, base, image_size, message_bits, channels, noise, force, env_world_size()
             )
+            if resume:
+                check_resume_with_tuned(resume, base, tuned_cfg)
+            base = tuned_cfg
         overrides = {
             "data_dir": str(data_dir) if data_dir is not None else None,
             "epochs": epochs,
@@ -164,6 +167,22 @@ def tuned_base(
     # The rates are now those of this world size's global batch; the rule stays with
     # the config so that a resume under yet another world size rescales them again.
     return replace(cfg, lr_rule=choice.lr_rule, lr_world_size=world_size)
+
+
+def check_resume_with_tuned(resume: Path, saved: TrainConfig, tuned: TrainConfig) -> None:
+    """A checkpoint saved mid-epoch counts its place in the epoch in batches of its own
+    size: under another batch size that place would be wrong, so only a checkpoint from
+    the end of an epoch continues under a tuned file with another batch."""
+    from arwgan.checkpoint import load_checkpoint
+
+    if tuned.loader.batch_size == saved.loader.batch_size:
+        return
+    if int(load_checkpoint(resume).get("epoch_step", 0)):
+        raise UserError(
+            f"checkpoint '{resume}' was saved mid-epoch at batch {saved.loader.batch_size}; "
+            f"continuing at the tuned batch {tuned.loader.batch_size} needs a checkpoint "
+            "from the end of an epoch"
+        )
 
 
 DEFAULT_TUNED = "runs/tuned.json"
