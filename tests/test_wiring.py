@@ -361,3 +361,20 @@ def test_throughput_recommendation_does_not_call_images_per_second_a_speed_up():
     text = render(recommendation_table(result))
     assert "3.00x images/s; not a training speed-up" in text
     assert math.isclose(result.tuned.measurements["comparison"]["speedup"], 3.0)
+
+
+def test_resume_mid_epoch_under_another_tuned_batch_is_refused(tmp_path):
+    from arwgan.checkpoint import save_checkpoint
+    from arwgan.cli import check_resume_with_tuned
+    from arwgan.config import LoaderConfig
+    from arwgan.errors import UserError
+
+    path = tmp_path / "last.pt"
+    saved = TrainConfig(loader=LoaderConfig(batch_size=16))
+    save_checkpoint(path, {"config": saved.to_dict(), "epoch_step": 3})
+    tuned = TrainConfig(loader=LoaderConfig(batch_size=64))
+    with pytest.raises(UserError, match="saved mid-epoch at batch 16"):
+        check_resume_with_tuned(path, saved, tuned)
+    check_resume_with_tuned(path, saved, saved)  # same batch: the position stays right
+    save_checkpoint(path, {"config": saved.to_dict(), "epoch_step": 0})
+    check_resume_with_tuned(path, saved, tuned)  # end of an epoch: any batch
