@@ -378,3 +378,16 @@ def test_resume_mid_epoch_under_another_tuned_batch_is_refused(tmp_path):
     check_resume_with_tuned(path, saved, saved)  # same batch: the position stays right
     save_checkpoint(path, {"config": saved.to_dict(), "epoch_step": 0})
     check_resume_with_tuned(path, saved, tuned)  # end of an epoch: any batch
+
+
+def test_tuned_cudnn_benchmark_false_turns_benchmark_mode_off():
+    from autotune.device import configure_cudnn
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        configure_cudnn("cuda", False)
+        assert torch.backends.cudnn.benchmark is False
+        configure_cudnn("cuda", None)  # today's default: on
+        assert torch.backends.cudnn.benchmark is (not torch.backends.cudnn.deterministic)
+    finally:
+        torch.backends.cudnn.benchmark = before
