@@ -257,6 +257,14 @@ def _worker_main() -> None:
     spec = TrialSpec(**json.loads(sys.stdin.read()))
     if spec.memory_limit_bytes:
         _watchdog(spec.memory_limit_bytes)
+    measurement = run_isolated_trial(spec)
+    print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
+
+
+def run_isolated_trial(spec: TrialSpec) -> TrialMeasurement:
+    """:func:`run_trial` in a process of its own (a fresh interpreter or a fork of the
+    trial server): on CUDA, select the device and set the allocator cap from the spec
+    before the first allocation, so that an OOM there also means "past the target"."""
     if spec.device.startswith("cuda"):
         from autotune.device import CudaDevice
 
@@ -265,8 +273,7 @@ def _worker_main() -> None:
         cuda.set_device(index)
         if spec.memory_fraction is not None:
             cuda.set_memory_fraction(spec.memory_fraction, index)
-    measurement = run_trial(spec)
-    print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
+    return run_trial(spec)
 
 
 def run_trial_subprocess(spec: TrialSpec, timeout_s: float | None = None) -> TrialMeasurement:

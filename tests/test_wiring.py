@@ -391,3 +391,33 @@ def test_tuned_cudnn_benchmark_false_turns_benchmark_mode_off():
         assert torch.backends.cudnn.benchmark is (not torch.backends.cudnn.deterministic)
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_a_forked_cuda_trial_sets_its_device_and_cap_first(monkeypatch):
+    """--isolate runs CUDA trials in forks of the trial server: the child sets the
+    allocator cap from its spec before the trial, as a fresh trial process does."""
+    import autotune.device
+    import autotune.trial
+    from autotune.trial_server import _run_trial_payload
+
+    calls = []
+
+    class Cuda:
+        def set_device(self, index):
+            calls.append(("device", index))
+
+        def set_memory_fraction(self, fraction, index):
+            calls.append(("fraction", fraction, index))
+
+    def trial(spec):
+        calls.append(("trial", spec.batch))
+        return TrialMeasurement(batch=spec.batch, ok=True, reason="ok")
+
+    monkeypatch.setattr(autotune.device, "CudaDevice", Cuda)
+    monkeypatch.setattr(autotune.trial, "run_trial", trial)
+    spec = TrialSpec(model=TINY.to_dict(), precision="fp32", device="cuda:1", batch=8,
+                     memory_fraction=0.5)
+    from dataclasses import asdict
+
+    assert _run_trial_payload(asdict(spec))["ok"] is True
+    assert calls == [("device", 1), ("fraction", 0.5, 1), ("trial", 8)]
