@@ -421,3 +421,19 @@ def test_a_forked_cuda_trial_sets_its_device_and_cap_first(monkeypatch):
 
     assert _run_trial_payload(asdict(spec))["ok"] is True
     assert calls == [("device", 1), ("fraction", 0.5, 1), ("trial", 8)]
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--from-checkpoint", "/nonexistent/last.pt"], "/nonexistent/last.pt' does not exist"),
+    (["--objective", "throughput", "--lr-rule", "adascale"], "needs --objective goodput"),
+    (["--noise-steps", "0"], "noise steps"),
+])
+def test_new_cli_flags_fail_in_one_line(flags, fragment):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from helpers import assert_one_error_line
+
+    result = CliRunner().invoke(app, ["--device", "cpu", *flags])
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, fragment)
