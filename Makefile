@@ -16,10 +16,12 @@ install: $(STAMP)
 
 # The main job on the built-in synthetic dataset, sized for a 2-core CPU (a few minutes):
 # measure and choose, train with exactly that choice, then show the recommendation again.
+# The tuner's default objective (goodput: noise scale measured, adascale learning rate)
+# and its default stop past the goodput peak keep the search to a handful of trials.
 DEMO_MODEL := --image-size 32 --message-bits 8 --channels 16 --noise "jpeg()+dropout(0.5,0.6)"
 demo: $(STAMP)
 	$(VENV)/bin/arwgan-autotune $(DEMO_MODEL) --target-mem 3GB --max-batch 128 --max-trials 8 \
-		--lr-rule sqrt --trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
+		--trial-budget 20 --compare-steps 8 --out $(DEMO_OUT)/tuned.json --plot $(DEMO_OUT)/trials.png
 	$(VENV)/bin/arwgan-train --from-tuned $(DEMO_OUT)/tuned.json --epochs 2 --steps-per-epoch 40 \
 		--val-images 128 --out $(DEMO_OUT)/train --overwrite
 	$(VENV)/bin/arwgan-autotune --show $(DEMO_OUT)/tuned.json

@@ -85,7 +85,7 @@ def train(
     noise: Noise = None,
     device: Device = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for log.csv, last.pt and samples/; must be empty or new unless --resume continues it or --overwrite is given. (default: runs/train; with --resume, the checkpoint's folder)")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint or run folder (its config is the base); given alone: the latest run under runs/.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint or run folder (its config is the base; with --from-tuned, the tuned settings apply to the rest of the run); given alone: the latest run under runs/.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in a non-empty --out: its earlier run's log.csv, last.pt, samples/ and tensorboard/ are removed.")] = False,
     save_every: Annotated[Optional[int], typer.Option(help="Also save last.pt every N steps (default: at the end of each epoch only).")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Write a TensorBoard log into OUT/tensorboard (needs the tensorboard package).")] = None,
@@ -111,8 +111,6 @@ def train(
     # Everything up to fit() is checked without importing torch when neither --resume
     # nor --from-tuned is given: a bad flag answers at once.
     try:
-        if resume and from_tuned:
-            raise UserError("--resume and --from-tuned exclude each other: a checkpoint carries its config")
         if resume and init_from:
             raise UserError("--resume and --init-from exclude each other: --resume continues a run")
         checkpoint = resolve_resume(resume) if resume is not None else None
@@ -125,10 +123,15 @@ def train(
         if from_tuned is not None:
             from arwgan.distributed import env_world_size
 
-            base = tuned_base(
+            # With --resume: the hand-off of arwgan-autotune --from-checkpoint, the rest
+            # of the run under the tuned loader, precision and learning rates.
+            tuned_cfg = tuned_base(
                 from_tuned, base, image_size, message_bits, channels, noise, force,
                 env_world_size(), batch=batch if lr is None else None,
             )
+            if checkpoint is not None:
+                check_resume_with_tuned(checkpoint, base, tuned_cfg)
+            base = tuned_cfg
         if out is None and checkpoint is not None:
             out = checkpoint.parent  # continue the run where it lives, wherever it moved
         overrides = {
@@ -265,6 +268,22 @@ def rescale_for_batch(choice, batch: int):
         f"(the tuned file's {choice.lr_rule} rule; --lr sets them yourself)"
     )
     return replace(choice, batch_size=batch, lr_g=lr_g, lr_d=lr_d), message
+
+
+def check_resume_with_tuned(resume: Path, saved: TrainConfig, tuned: TrainConfig) -> None:
+    """A checkpoint saved mid-epoch counts its place in the epoch in batches of its own
+    size: under another batch size that place would be wrong, so only a checkpoint from
+    the end of an epoch continues under a tuned file with another batch."""
+    from arwgan.checkpoint import load_checkpoint
+
+    if tuned.loader.batch_size == saved.loader.batch_size:
+        return
+    if int(load_checkpoint(resume).get("epoch_step", 0)):
+        raise UserError(
+            f"checkpoint '{resume}' was saved mid-epoch at batch {saved.loader.batch_size}; "
+            f"continuing at the tuned batch {tuned.loader.batch_size} needs a checkpoint "
+            "from the end of an epoch"
+        )
 
 
 DEFAULT_TUNED = "runs/tuned.json"

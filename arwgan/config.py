@@ -22,7 +22,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SSIM_LOSS_FORMS = ("official", "unit")
 
 #: Learning-rate rules (the same names as :data:`autotune.decisions.LR_RULES`).
-LR_RULES = ("linear", "sqrt", "none")
+LR_RULES = ("linear", "sqrt", "none", "adascale")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -248,6 +248,15 @@ class TrainConfig:
     lr_world_size: int = 1
     """The world size the learning rates were set for (1: the per-rank batch on one
     process); only read when ``lr_rule`` is set."""
+    lr_noise_scale: float | None = None
+    """The gradient noise scale (images) rule ``adascale`` rescales with; set by
+    --from-tuned from the tuned file."""
+    cpu_threads: int | None = None
+    """CPU: torch intra-op threads (``torch.set_num_threads``); None: torch's default."""
+    compile: bool = False
+    """``torch.compile`` the networks (:meth:`arwgan.step.GANStep.compile`)."""
+    cudnn_benchmark: bool | None = None
+    """CUDA: cuDNN benchmark mode; None: on (unless deterministic algorithms are asked for)."""
     sync_bn: bool = False
     """With more than one process (CUDA): SyncBatchNorm, statistics over the global batch."""
     allocator_limit_bytes: int | None = None
@@ -303,6 +312,18 @@ class TrainConfig:
             self.lr_rule is None or self.lr_rule in LR_RULES,
             f"learning-rate rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}",
         )
+        _require(
+            self.lr_rule != "adascale" or (isinstance(self.lr_noise_scale, (int, float))
+                                           and self.lr_noise_scale >= 0),
+            "learning-rate rule adascale needs the gradient noise scale (lr_noise_scale)",
+        )
+        _require(
+            self.cpu_threads is None or (isinstance(self.cpu_threads, int) and self.cpu_threads >= 1),
+            f"cpu threads must be a positive integer, got {self.cpu_threads!r}",
+        )
+        _require(isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}")
+        _require(self.cudnn_benchmark is None or isinstance(self.cudnn_benchmark, bool),
+                 f"cudnn_benchmark must be true, false or null, got {self.cudnn_benchmark!r}")
         _require(
             isinstance(self.lr_world_size, int) and self.lr_world_size >= 1,
             f"lr world size must be a positive integer, got {self.lr_world_size!r}",

@@ -257,6 +257,14 @@ class GANStep:
             if buf is not None
         ]
 
+    def compile(self) -> None:
+        """``torch.compile`` the encoder, the decoder and the discriminator in place
+        (``nn.Module.compile``: parameters and state_dict keys unchanged, so checkpoints
+        move between compiled and eager runs). The noise layers stay eager: they draw
+        at random and change shapes. Compilation happens at the first calls."""
+        for module in (self.nets.encoder, self.nets.decoder, self.nets.discriminator):
+            module.compile()
+
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {

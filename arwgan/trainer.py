@@ -96,8 +96,8 @@ def optim_for_world_size(cfg: TrainConfig, world_size: int) -> tuple[OptimConfig
 
     batch = cfg.loader.batch_size
     old_global, new_global = batch * cfg.lr_world_size, batch * world_size
-    lr_g = scale_lr(cfg.optim.lr_g, old_global, new_global, cfg.lr_rule)
-    lr_d = scale_lr(cfg.optim.lr_d, old_global, new_global, cfg.lr_rule)
+    lr_g = scale_lr(cfg.optim.lr_g, old_global, new_global, cfg.lr_rule, cfg.lr_noise_scale)
+    lr_d = scale_lr(cfg.optim.lr_d, old_global, new_global, cfg.lr_rule, cfg.lr_noise_scale)
     message = (
         f"learning rates set for world size {cfg.lr_world_size} (global batch {old_global}), "
         f"running with {world_size} (global batch {new_global}): lr G {cfg.optim.lr_g:.3g} -> "
@@ -199,8 +199,13 @@ class Trainer:
             # streams would give every shard the same dropout masks and crops.
             torch.manual_seed(rank_seed(cfg.seed, self.dist.rank))
         # The same cuDNN settings as every tuner trial (benchmark on: the input shape
-        # never changes during a run, so autotuned conv kernels pay).
-        configure_cudnn(self.device.type)
+        # never changes during a run, so autotuned conv kernels pay), unless the tuned
+        # file measured otherwise.
+        configure_cudnn(self.device.type, cfg.cudnn_benchmark)
+        if cfg.cpu_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(cfg.cpu_threads)
+        if cfg.compile:
+            self.gan.compile()
         # DistributedSampler's role: EpochSampler shards each epoch's order exactly as
         # DistributedSampler does (padded to a multiple of the world size, rank r takes
         # every world_size-th item from the r-th), and set_epoch() moves it on each epoch.

@@ -30,7 +30,7 @@ app = typer.Typer(
     context_settings=CONTEXT_SETTINGS,
 )
 DEFAULT_OUT = Path("runs/tuned.json")
-Objective = Enum("Objective", {name: name for name in ("throughput", "memory")}, type=str)
+Objective = Enum("Objective", {name: name for name in ("goodput", "throughput", "memory")}, type=str)
 #: The options --show may be combined with; any other one would be silently ignored.
 SHOW_OPTIONS = {"show", "as_json", "version"}
 
@@ -39,8 +39,13 @@ SHOW_OPTIONS = {"show", "as_json", "version"}
 def autotune(
     ctx: typer.Context,
     target_mem: Annotated[Optional[str], typer.Option(help="Memory target: 20GB, 20GiB, 20000MB or 80% (of the device). (default: 90% of the GPU; half the available RAM on CPU)")] = None,
-    objective: Annotated[Objective, typer.Option(help="throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = Objective.throughput,
-    lr_rule: Annotated[LrRule, typer.Option(help="How the learning rate follows the batch.")] = LrRule.linear,
+    objective: Annotated[Objective, typer.Option(help="goodput: the batch with the most training progress per second (images/s x statistical efficiency from the measured gradient noise scale); throughput: largest batch within 3% of the best images/s; memory: largest batch under the target.")] = Objective.goodput,
+    lr_rule: Annotated[Optional[LrRule], typer.Option(help="How the learning rate follows the batch; adascale needs --objective goodput. (default: adascale with goodput, else linear)")] = None,
+    find_edge: Annotated[bool, typer.Option("--find-edge", help="Search the memory edge even after the score has peaked (--objective memory always does).")] = False,
+    noise_steps: Annotated[int, typer.Option(help="Goodput: gradient-noise measurements (each a batch of 4 x 16).")] = 16,
+    from_checkpoint: Annotated[Optional[Path], typer.Option(help="Goodput: measure the noise scale on this training checkpoint (RUN/last.pt) and recommend the batch for the rest of the run.")] = None,
+    try_compile: Annotated[bool, typer.Option("--try-compile", help="Measure torch.compile (compile time included) and use it when it pays within --planned-epochs.")] = False,
+    planned_epochs: Annotated[int, typer.Option(help="Epochs the training run will last (decides whether compiling pays).")] = 10,
     precision: Annotated[Optional[Precision], typer.Option(help="Force one precision instead of measuring them.")] = None,
     data_dir: DataDir = None,
     image_size: ImageSize = None,
@@ -62,7 +67,7 @@ def autotune(
     show: Annotated[Optional[Path], typer.Option(help="Measure nothing: print the tables (with --json: the content) of an existing tuned file.")] = None,
     version: VersionFlag = False,
 ) -> None:
-    """Measure this machine and choose batch, precision, workers and learning rate for ARWGAN."""
+    """Measure this machine and choose batch, precision, workers, knobs and learning rate for ARWGAN."""
     if show is not None:
         show_tuned(ctx, show, as_json)
         return
@@ -78,6 +83,8 @@ def autotune(
         )
         if data_dir is not None and not data_dir.exists():
             raise UserError(f"data folder '{data_dir}' does not exist")
+        if from_checkpoint is not None and not from_checkpoint.is_file():
+            raise UserError(f"checkpoint '{from_checkpoint}' does not exist")
         if data_dir is not None and not data_dir.is_dir():
             raise UserError(f"data folder '{data_dir}' is a file, not a folder")
         # Every output is checked before the first measurement: a run must never measure
@@ -101,7 +108,7 @@ def autotune(
             device=device or "auto",
             target_mem=target_mem,
             objective=objective.value,
-            lr_rule=lr_rule.value,
+            lr_rule=lr_rule.value if lr_rule is not None else None,
             precision=precision.value if precision is not None else None,
             start_batch=start_batch,
             max_batch=max_batch,
@@ -111,6 +118,11 @@ def autotune(
             max_workers=max_workers,
             compare_steps=compare_steps,
             seed=seed,
+            find_edge=find_edge,
+            noise_steps=noise_steps,
+            from_checkpoint=str(from_checkpoint) if from_checkpoint is not None else None,
+            try_compile=try_compile,
+            planned_epochs=planned_epochs,
         )
         from arwgan.distributed import cleanup, init_distributed, rank_prefix
     except UserError as exc:

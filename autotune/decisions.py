@@ -31,8 +31,10 @@ __all__ = [
 
 #: How a learning rate follows the batch: ``linear`` (Goyal et al. 2017, the usual rule
 #: for SGD-like training), ``sqrt`` (keeps the gradient-noise scale, gentler for Adam
-#: and GANs), ``none`` (keep the reference learning rate).
-LR_RULES = ("linear", "sqrt", "none")
+#: and GANs), ``none`` (keep the reference learning rate), ``adascale`` (the AdaScale
+#: gain from the measured gradient noise scale, to the power 0.5 for Adam:
+#: :func:`autotune.goodput.gain`; needs that noise scale).
+LR_RULES = ("linear", "sqrt", "none", "adascale")
 
 #: Above this learning-rate multiplier, warn: large jumps are where GAN training diverges.
 LR_WARNING_FACTOR = 8.0
@@ -42,8 +44,23 @@ WARMUP_STEPS_PER_FACTOR = 100
 WARMUP_STEPS_MAX = 2000
 
 
-def lr_factor(rule: str, batch_factor: float) -> float:
-    """The learning-rate multiplier for ``batch_factor = batch / base_batch`` under ``rule``."""
+def lr_factor(rule: str, batch_factor: float, noise_scale: float | None = None) -> float:
+    """The learning-rate multiplier for ``batch_factor = batch / base_batch`` under ``rule``.
+
+    ``adascale`` needs ``noise_scale`` expressed in units of the base batch (B_noise /
+    base_batch): the gain r = s (n + 1) / (n + s), to the power
+    :data:`autotune.goodput.ADAM_LR_POWER`. The gain chains exactly (r from B1 to B2
+    times r from B0 to B1 is r from B0 to B2), so rescaling a rescaled rate is exact.
+    """
+    if rule == "adascale":
+        from autotune.goodput import ADAM_LR_POWER
+
+        if noise_scale is None or not (noise_scale >= 0 and math.isfinite(noise_scale)):
+            raise ConfigError(
+                f"learning-rate rule adascale needs a measured gradient noise scale, got {noise_scale!r}"
+            )
+        gain = batch_factor * (noise_scale + 1) / (noise_scale + batch_factor)
+        return gain**ADAM_LR_POWER
     if rule == "linear":
         return batch_factor
     if rule == "sqrt":
@@ -53,18 +70,22 @@ def lr_factor(rule: str, batch_factor: float) -> float:
     raise ConfigError(f"learning-rate rule must be one of {', '.join(LR_RULES)}, got {rule!r}")
 
 
-def scale_lr(base_lr: float, base_batch: int, batch: int, rule: str) -> float:
+def scale_lr(
+    base_lr: float, base_batch: int, batch: int, rule: str, noise_scale: float | None = None
+) -> float:
     """The learning rate for ``batch``, given the reference ``base_lr`` at ``base_batch``.
 
     Applied to the generator and the discriminator separately, each from its own
-    reference rate.
+    reference rate. ``noise_scale`` (in images; rule ``adascale`` only) is the gradient
+    noise scale the gain is computed from.
     """
     if not (isinstance(base_lr, (int, float)) and 0 < base_lr < math.inf):
         raise ConfigError(f"base learning rate must be a positive number, got {base_lr!r}")
     for name, value in (("base batch", base_batch), ("batch", batch)):
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    return base_lr * lr_factor(rule, batch / base_batch)
+    scaled = None if noise_scale is None else noise_scale / base_batch
+    return base_lr * lr_factor(rule, batch / base_batch, scaled)
 
 
 def lr_warning(factor: float) -> str | None:
@@ -81,16 +102,17 @@ def lr_warning(factor: float) -> str | None:
     )
 
 
-def warmup_steps_for(rule: str, batch_factor: float) -> int:
+def warmup_steps_for(rule: str, batch_factor: float, noise_scale: float | None = None) -> int:
     """Linear warm-up steps to reach the scaled learning rate.
 
     0 when the learning rate does not grow (multiplier <= 1: nothing to ease into);
     otherwise ``round(100 * multiplier)`` capped at 2000, so the warm-up lengthens with
     the size of the jump (Goyal et al. warm up over a few epochs for the same reason)
     while staying a small share of a training run. ``batch_factor`` is
-    ``batch / base_batch``; ``rule`` turns it into the multiplier.
+    ``batch / base_batch``; ``rule`` turns it into the multiplier (``noise_scale`` in
+    base-batch units for ``adascale``, as :func:`lr_factor`).
     """
-    factor = lr_factor(rule, batch_factor)
+    factor = lr_factor(rule, batch_factor, noise_scale)
     if factor <= 1:
         return 0
     return min(WARMUP_STEPS_MAX, round(WARMUP_STEPS_PER_FACTOR * factor))
@@ -208,15 +230,19 @@ class Verdict:
 
 
 def judge_recommendation(
-    seed_images_per_s: float | None, candidate_images_per_s: float | None, objective: str
+    seed_images_per_s: float | None, candidate_images_per_s: float | None, objective: str,
+    efficiency: float = 1.0,
 ) -> Verdict:
     """The verdict on a tuning run from its end-to-end comparison.
 
     For ``throughput`` the candidate is only worth recommending when it trained faster
-    than the seed default in the same run; otherwise (slower, equal, or not measurable)
-    the seed default is what to train with, and the message says so. For ``memory`` the
-    candidate was chosen for its size, not its speed, so it is kept and a slowdown is
-    stated plainly. A seed default that could not run at all leaves the candidate.
+    than the seed default in the same run; for ``goodput``, when its images/s times its
+    predicted statistical ``efficiency`` (relative to the seed default's batch) beats the
+    seed default's images/s, i.e. more training progress per second. Otherwise (slower,
+    equal, or not measurable) the seed default is what to train with, and the message
+    says so. For ``memory`` the candidate was chosen for its size, not its speed, so it is
+    kept and a slowdown is stated plainly. A seed default that could not run at all leaves
+    the candidate.
     """
     def usable(value: float | None) -> bool:
         return value is not None and math.isfinite(value) and value > 0
@@ -228,13 +254,20 @@ def judge_recommendation(
         keep = objective == "memory"
         return Verdict(keep, None, "the candidate could not be timed end to end; "
                        + ("kept for --objective memory" if keep else "the tuned file holds the seed default"))
-    speedup = candidate_images_per_s / seed_images_per_s
+    speedup = candidate_images_per_s * efficiency / seed_images_per_s
     if speedup > 1.0:
         return Verdict(True, speedup, "")
-    measured = (
-        f"the candidate trained at {candidate_images_per_s:,.1f} images/s, not faster than the "
-        f"seed default's {seed_images_per_s:,.1f} ({speedup:.2f}x)"
-    )
+    if efficiency != 1.0:
+        measured = (
+            f"the candidate trained at {candidate_images_per_s:,.1f} images/s x {efficiency:.2f} "
+            f"predicted efficiency, not more progress per second than the seed default's "
+            f"{seed_images_per_s:,.1f} images/s ({speedup:.2f}x)"
+        )
+    else:
+        measured = (
+            f"the candidate trained at {candidate_images_per_s:,.1f} images/s, not faster than the "
+            f"seed default's {seed_images_per_s:,.1f} ({speedup:.2f}x)"
+        )
     if objective == "memory":
         return Verdict(True, speedup, f"{measured}; kept because --objective memory asks for the largest batch")
     return Verdict(False, speedup, f"{measured}: the tuned file holds the seed default; train with it")

@@ -349,16 +349,17 @@ def cap_fraction(target_bytes: int, context_bytes: int, total_bytes: int) -> flo
     return max(0.0, min(1.0, (target_bytes - context_bytes) / total_bytes))
 
 
-def configure_cudnn(device_type: str) -> None:
+def configure_cudnn(device_type: str, benchmark: bool | None = None) -> None:
     """The cuDNN settings of every trial AND of training, so that the tuned throughput
     and peaks describe what the trainer runs. Benchmark mode autotunes conv kernels for
     the (fixed) input shape; it stays off where the process asked for deterministic
-    algorithms (a test comparing runs bit for bit)."""
+    algorithms (a test comparing runs bit for bit). ``benchmark`` False (measured slower
+    by the tuner's knobs phase) turns it off."""
     if device_type != "cuda":
         return
     import torch
 
-    torch.backends.cudnn.benchmark = not torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark = (benchmark is not False) and not torch.backends.cudnn.deterministic
 
 
 def allocator_config() -> str | None:

@@ -79,6 +79,9 @@ class Rate:
         return self.images_per_s * (1 + self.rel_ci)
 
     def __str__(self) -> str:
+        # No interval measured (an end-to-end rate): none shown rather than "+-0 %".
+        if not self.rel_ci:
+            return f"{self.images_per_s:.1f} img/s"
         return f"{self.images_per_s:.1f} img/s +-{100 * self.rel_ci:.0f} %"
 
     @classmethod

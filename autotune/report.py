@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from arwgan.errors import UserError
-from autotune.console import warn
+from autotune.console import say, warn
 from autotune.memory import format_bytes
 from autotune.tuned import TunedChoice
 from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
@@ -17,6 +17,17 @@ from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
 
 def _fmt_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
+
+
+def _fmt_rate_ci(value: float | None, rel_ci: float | None, converged: bool = True) -> str:
+    """'123.4 ±2 %': the rate and its 95 % interval; '~' marks a timing that hit a
+    ceiling before the interval met the tolerance."""
+    if value is None:
+        return "-"
+    text = _fmt_rate(value)
+    if rel_ci is not None:
+        text += f" ±{100 * rel_ci:.0f} %"
+    return text + ("" if converged else " ~")
 
 
 def machine_table(machine: dict) -> Table:
@@ -55,12 +66,75 @@ def trials_table(result: TuneResult) -> Table:
     table = Table(title=f"Batch search ({result.search.stop_reason})", title_justify="left")
     for column in ("#", "batch", "peak memory", "% of target", "images/s", "s", "outcome"):
         table.add_column(column, justify="right" if column not in ("outcome",) else "left")
+    stops = {}
+    for m in result.tuned.measurements.get("trials", []):
+        stops.setdefault(m.get("batch"), m.get("timing_stop", ""))
     for i, t in enumerate(result.search.trials, 1):
+        converged = stops.get(t.batch, "converged") in ("converged", "")
         pct = f"{100 * t.peak_bytes / result.target_bytes:.0f} %" if t.peak_bytes else "-"
         outcome = t.reason + (" (fit)" if t.predicted else "") + (f": {t.detail}" if t.detail and not t.ok else "")
         mark = " *" if t.batch == result.search.chosen else ""
         table.add_row(str(i), f"{t.batch}{mark}", format_bytes(t.peak_bytes) if t.peak_bytes else "-",
-                      pct, _fmt_rate(t.images_per_s), f"{t.seconds:.1f}", outcome)
+                      pct, _fmt_rate_ci(t.images_per_s, t.images_per_s_rel_ci, converged),
+                      f"{t.seconds:.1f}", outcome)
+    if result.search.peak_batch is not None:
+        table.caption = ("larger batches were not tried: they could not change the answer "
+                         "(--find-edge searches the memory edge anyway)")
+    return table
+
+
+def noise_table(result: TuneResult) -> Table | None:
+    """The gradient noise scale (objective goodput); None when it was not measured."""
+    noise = result.tuned.measurements.get("noise_scale")
+    if not noise:
+        return None
+    where = (f"checkpoint {noise['checkpoint']}, training step {noise['measured_at_step']}"
+             if noise.get("checkpoint") else f"fresh model, over its first {noise['steps']} steps")
+    table = Table(title=f"Gradient noise scale ({where})", title_justify="left")
+    for column in ("network", "noise scale (images)", "± std. error", "steps"):
+        table.add_column(column, justify="left" if column == "network" else "right")
+    for name in ("generator", "discriminator"):
+        est = noise[name]
+        value, err = est.get("noise_scale"), est.get("noise_scale_stderr")
+        table.add_row(name, "unmeasurable" if value is None else f"{value:,.1f}",
+                      "-" if err is None else f"{err:,.1f}", f"{est.get('steps', 0):.0f}")
+    decided = noise.get("decided_with")
+    table.caption = (f"decided with the generator's, one standard error low: {decided:,.1f} images "
+                     f"(micro-batches of {noise['micro_batch']} x {noise['micro_batches']}, raw gradients)"
+                     if decided is not None else "not usable: batch kept at the reference")
+    return table
+
+
+def goodput_table(result: TuneResult) -> Table | None:
+    """Per candidate batch: images/s, predicted efficiency and goodput (objective goodput)."""
+    good = result.tuned.measurements.get("goodput")
+    if not good:
+        return None
+    table = Table(title=f"Goodput (progress per second, relative to batch {good['reference_batch']})",
+                  title_justify="left")
+    for column in ("batch", "images/s", "predicted efficiency", "goodput", "lr factor"):
+        table.add_column(column, justify="right")
+    for row in good["rows"]:
+        mark = " *" if row["batch"] == good["chosen_batch"] else ""
+        table.add_row(f"{row['batch']}{mark}", _fmt_rate(row["images_per_s"]), f"{row['efficiency']:.2f}",
+                      _fmt_rate(row["goodput"]), f"{row['lr_factor']:.2f}")
+    table.caption = ("efficiency: what one image is worth at that batch against one at the reference "
+                     "(from the noise scale); goodput = images/s x efficiency")
+    return table
+
+
+def knobs_table(result: TuneResult) -> Table | None:
+    knobs = result.tuned.measurements.get("knobs")
+    if not knobs:
+        return None
+    table = Table(title="Knobs (each measured, on only when it pays)", title_justify="left")
+    for column in ("knob", "value", "reason"):
+        table.add_column(column)
+    for k in knobs:
+        value = k["value"]
+        if isinstance(value, dict):
+            value = ", ".join(f"{key} {v}" for key, v in value.items())
+        table.add_row(k["knob"], "-" if value is None else str(value), k["reason"])
     return table
 
 
@@ -154,11 +228,38 @@ def recommendation_table(result: TuneResult) -> Table:
     table.add_row("prefetch_factor", str(SEED_LOADER.prefetch_factor), str(c.prefetch_factor or "-"), "")
     global_text = f" for global batch {c.batch_size * c.world_size}" if c.world_size > 1 else ""
     table.add_row("lr G / D", f"{REFERENCE_LR:g}", f"{c.lr_g:.3g} / {c.lr_d:.3g}", f"{c.lr_rule} rule{global_text}, {c.warmup_steps} warm-up steps")
+    knobs = {k["knob"]: k for k in result.tuned.measurements.get("knobs", [])}
+    if knobs:
+        table.add_row("channels_last", "False", str(c.channels_last),
+                      knobs.get("channels_last", {}).get("reason", ""))
+        if c.cpu_threads is not None:
+            table.add_row("CPU threads", "torch default", str(c.cpu_threads), "measured against the workers")
+        table.add_row("torch.compile", "False", str(c.compile), knobs.get("compile", {}).get("reason", ""))
+    good = result.tuned.measurements.get("goodput")
+    efficiency = None
+    if good and c.noise_scale is not None:
+        from autotune.goodput import efficiency as predicted_efficiency
+
+        reference = good["reference_batch"]
+        seed_eff = predicted_efficiency(SEED_LOADER.batch_size, reference, c.noise_scale)
+        rec_eff = predicted_efficiency(c.batch_size * c.world_size, reference, c.noise_scale)
+        efficiency = rec_eff / seed_eff
+        table.add_row("predicted efficiency", f"{seed_eff:.2f}", f"{rec_eff:.2f}",
+                      f"per image, from the gradient noise scale {c.noise_scale:,.0f}")
+    speedup = comp.get("speedup")
+    if speedup and efficiency is not None:
+        effect = (f"{speedup:.2f}x images/s x {efficiency:.2f} efficiency = "
+                  f"[bold]{speedup * efficiency:.2f}x predicted training speed-up[/] ")
+    elif speedup:
+        effect = (f"{speedup:.2f}x images/s; not a training speed-up (a larger batch's images are "
+                  "worth less: --objective goodput measures by how much) ")
+    else:
+        effect = ""
     table.add_row(
         "[bold]training images/s[/]",
         _fmt_rate(comp["seed_default_images_per_s"]),
         _fmt_rate(comp["recommended_images_per_s"]),
-        (f"[bold]{comp['speedup']:.2f}x[/] " if comp.get("speedup") else "")
+        effect
         + f"(end to end, median of {len(comp['rounds']['recommended'])} alternated rounds"
         + (f"; {comp['scope']}" if comp.get("scope") else "")
         + (f"; {comp['note']}" if comp.get("note") else "") + ")",
@@ -174,12 +275,24 @@ def recommendation_table(result: TuneResult) -> Table:
 
 def print_report(console, result: TuneResult) -> None:
     console.print(precision_table(result))
+    noise = noise_table(result)
+    if noise is not None:
+        console.print(noise)
     console.print(trials_table(result))
+    good = goodput_table(result)
+    if good is not None:
+        console.print(good)
     ranks = ranks_table(result)
     if ranks is not None:
         console.print(ranks)
     console.print(workers_table(result))
+    knobs = knobs_table(result)
+    if knobs is not None:
+        console.print(knobs)
     console.print(recommendation_table(result))
+    goodput_verdict = result.tuned.measurements.get("goodput_verdict")
+    if goodput_verdict:
+        say(goodput_verdict, to=console)
     for warning in result.warnings:
         warn(warning)
 

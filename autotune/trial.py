@@ -3,8 +3,10 @@
 One trial builds the real ARWGAN train step (both networks, both Adam optimisers, the
 noise layers) at one batch size and precision, runs warm-up steps (the first allocates
 Adam's state and, on CUDA, lets cuDNN pick kernels) through every noise layer in turn,
-then times whole cycles of them with the device synchronised around the clock, and
-reports the peak memory it took. cuDNN runs with the trainer's flags.
+then times whole cycles of them with the device synchronised around the clock until
+its images/s is known within a stated tolerance (:mod:`autotune.timing`: 95 %
+interval within 3 % by default, with a floor and a ceiling on samples and seconds),
+and reports the peak memory it took and the interval. cuDNN runs with the trainer's flags.
 
 Peak memory:
 - CUDA: the allocator's peak *reserved* bytes (what the process really holds, not just
@@ -29,11 +31,12 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from autotune.oom import is_oom
 from autotune.search import TrialOutcome
 from autotune.trial_server import peak_rss_bytes
+from autotune.timing import TimingConfig, time_adaptively
 
 #: Exit code of a trial subprocess stopped by its memory watchdog.
 EXIT_OVER_MEMORY = 86
@@ -49,8 +52,10 @@ class TrialSpec:
     precision: str
     device: str
     batch: int
-    warmup_steps: int = 2
-    measure_steps: int = 3
+    timing: dict | None = None
+    """:meth:`autotune.timing.TimingConfig.to_dict` of the adaptive timing (warm-up
+    steps included); None: the defaults. The step is timed until its images/s is
+    known within ``rel_ci``, not for a fixed number of steps."""
     channels_last: bool = False
     seed: int = 0
     memory_limit_bytes: int | None = None
@@ -76,6 +81,11 @@ class TrialMeasurement:
     finite: bool = True
     """Did every measured step's losses stay finite (decides whether a precision is usable)."""
     losses: dict = field(default_factory=dict)
+    images_per_s_rel_ci: float | None = None
+    """Half-width of the 95 % interval of ``images_per_s``, relative to it."""
+    timing_stop: str = ""
+    """How the timing ended (:data:`autotune.timing.STOPS`): ``converged`` when the
+    interval met the tolerance, else a ceiling stopped it."""
 
     def to_outcome(self) -> TrialOutcome:
         return TrialOutcome(
@@ -86,6 +96,7 @@ class TrialMeasurement:
             seconds=self.seconds,
             reason=self.reason,
             detail=self.detail,
+            images_per_s_rel_ci=self.images_per_s_rel_ci,
         )
 
 
@@ -135,21 +146,22 @@ def _trial_body(spec: TrialSpec, device, cuda) -> TrialMeasurement:
     images = torch.rand(spec.batch, 3, size, size, generator=gen) * 2 - 1
     messages = torch.randint(0, 2, (spec.batch, bits), generator=gen).float()
     images, messages = gan.to_device(images, messages)
-    warmup = max(spec.warmup_steps, cycle) if spec.warmup_steps else 0
-    measure = math.ceil(spec.measure_steps / cycle) * cycle if spec.measure_steps else 0
-    for _ in range(warmup):
-        gan(images, messages)
-    if cuda is not None:
-        cuda.synchronize(device.index or 0)
-    clock = time.perf_counter()
+    timing_cfg = TimingConfig(**spec.timing) if spec.timing else TimingConfig()
+    # Warm up through every noise layer (their first-use kernel loads land there).
+    timing_cfg = replace(timing_cfg, warmup_steps=max(timing_cfg.warmup_steps, cycle))
     finite = True
     result = None
-    for _ in range(measure):
+
+    def step() -> None:
+        nonlocal finite, result
         result = gan(images, messages)
         finite = finite and not result.skipped
-    if cuda is not None:
-        cuda.synchronize(device.index or 0)
-    elapsed = time.perf_counter() - clock
+
+    sync = (lambda: cuda.synchronize(device.index or 0)) if cuda is not None else None
+    per_sample = _warm_up(step, cycle, timing_cfg, sync)
+    # Whole noise cycles per sample, so every batch size is timed on the same work.
+    timing = time_adaptively(step, spec.batch, replace(timing_cfg, warmup_steps=0), sync=sync,
+                             steps_per_sample=per_sample)
     losses = {k: float(v) for k, v in result.as_dict().items()} if result is not None else {}
     finite = finite and all(math.isfinite(v) for v in losses.values())
     if cuda is not None:
@@ -161,11 +173,29 @@ def _trial_body(spec: TrialSpec, device, cuda) -> TrialMeasurement:
         ok=True,
         reason="ok",
         peak_bytes=peak,
-        images_per_s=spec.batch * measure / elapsed if elapsed > 0 else None,
+        images_per_s=timing.images_per_s if math.isfinite(timing.images_per_s) else None,
         seconds=time.perf_counter() - started,
         finite=finite,
         losses=losses,
+        images_per_s_rel_ci=timing.rel_ci,
+        timing_stop=timing.stop,
     )
+
+
+def _warm_up(step, cycle: int, cfg: TimingConfig, sync) -> int:
+    """Run ``cfg.warmup_steps`` untimed steps; return the steps per timing sample: a
+    multiple of the noise cycle lasting at least ``cfg.min_sample_seconds`` by the last
+    warm-up step."""
+    wait = sync or (lambda: None)
+    one = 0.0
+    for _ in range(cfg.warmup_steps):
+        wait()
+        clock = time.perf_counter()
+        step()
+        wait()
+        one = time.perf_counter() - clock
+    steps = max(1, math.ceil(cfg.min_sample_seconds / one)) if one > 0 else 1
+    return math.ceil(steps / cycle) * cycle
 
 
 def run_trial(spec: TrialSpec, cuda=None) -> TrialMeasurement:
@@ -224,6 +254,14 @@ def _worker_main() -> None:
     spec = TrialSpec(**json.loads(sys.stdin.read()))
     if spec.memory_limit_bytes:
         _watchdog(spec.memory_limit_bytes)
+    measurement = run_isolated_trial(spec)
+    print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
+
+
+def run_isolated_trial(spec: TrialSpec) -> TrialMeasurement:
+    """:func:`run_trial` in a process of its own (a fresh interpreter or a fork of the
+    trial server): on CUDA, select the device and set the allocator cap from the spec
+    before the first allocation, so that an OOM there also means "past the target"."""
     if spec.device.startswith("cuda"):
         from autotune.device import CudaDevice
 
@@ -232,8 +270,7 @@ def _worker_main() -> None:
         cuda.set_device(index)
         if spec.memory_fraction is not None:
             cuda.set_memory_fraction(spec.memory_fraction, index)
-    measurement = run_trial(spec)
-    print(_RESULT_PREFIX + json.dumps(asdict(measurement)), flush=True)
+    return run_trial(spec)
 
 
 def run_trial_subprocess(spec: TrialSpec, timeout_s: float | None = None) -> TrialMeasurement:

@@ -283,9 +283,10 @@ def default_server(preload: tuple[str, ...] = ("torch", "autotune.trial")) -> Tr
 
 def _run_trial_payload(payload: dict) -> dict:
     """Child side of :func:`run_trial_preimported`: the unchanged in-process trial."""
-    from autotune.trial import TrialSpec, run_trial
+    from autotune.trial import TrialSpec, run_isolated_trial
 
-    return asdict(run_trial(TrialSpec(**payload)))
+    # As a fresh trial process does: on CUDA (--isolate), device and allocator cap first.
+    return asdict(run_isolated_trial(TrialSpec(**payload)))
 
 
 def run_trial_preimported(spec, timeout_s: float | None = None, server: TrialServer | None = None):

@@ -37,7 +37,7 @@ __all__ = [
 #: Bumped on any incompatible change of the file layout; older files are refused.
 SCHEMA_VERSION = 1
 
-OBJECTIVES = ("throughput", "memory")
+OBJECTIVES = ("goodput", "throughput", "memory")
 
 
 def _is_int(value: Any) -> bool:
@@ -65,14 +65,25 @@ class TunedChoice:
     lr_d: float
     warmup_steps: int
     lr_rule: str
-    """How the learning rates were scaled with the global batch: linear | sqrt | none."""
+    """How the learning rates were scaled with the global batch: linear | sqrt | none |
+    adascale (from :attr:`noise_scale`)."""
     objective: str
-    """What the batch was chosen for: throughput (fastest) | memory (largest that fits)."""
+    """What the batch was chosen for: goodput (training progress per second) |
+    throughput (fastest) | memory (largest that fits)."""
     world_size: int = 1
     """Processes the learning rates were scaled for (global batch = batch_size * world_size)."""
     channels_last: bool = False
     """NHWC memory format, chosen when measured faster beyond noise (autotune.knobs).
     Absent from older files: False, the trainer's default."""
+    noise_scale: float | None = None
+    """The generator's gradient noise scale (images) the goodput choice and rule
+    ``adascale`` were decided with (one standard error below the estimate)."""
+    cpu_threads: int | None = None
+    """CPU: torch intra-op threads measured best against the workers; None: torch's default."""
+    compile: bool = False
+    """torch.compile, chosen only when measured to pay within the planned run."""
+    cudnn_benchmark: bool | None = None
+    """CUDA: cuDNN benchmark mode as measured; None: the trainer's default (on)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "world_size"):
@@ -83,7 +94,7 @@ class TunedChoice:
             value = getattr(self, name)
             if not (_is_int(value) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("pin_memory", "persistent_workers", "channels_last"):
+        for name in ("pin_memory", "persistent_workers", "channels_last", "compile"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -96,6 +107,14 @@ class TunedChoice:
             value = getattr(self, name)
             if not (_is_number(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.cudnn_benchmark is not None and not isinstance(self.cudnn_benchmark, bool):
+            raise ConfigError(f"cudnn_benchmark must be true, false or null, got {self.cudnn_benchmark!r}")
+        if not (self.cpu_threads is None or (_is_int(self.cpu_threads) and self.cpu_threads >= 1)):
+            raise ConfigError(f"cpu_threads must be a positive integer or null, got {self.cpu_threads!r}")
+        if not (self.noise_scale is None or (_is_number(self.noise_scale) and self.noise_scale >= 0)):
+            raise ConfigError(f"noise_scale must be a number >= 0 or null, got {self.noise_scale!r}")
+        if self.lr_rule == "adascale" and self.noise_scale is None:
+            raise ConfigError("lr_rule adascale needs the noise_scale it was computed from")
         for name, allowed in (("precision", PRECISIONS), ("lr_rule", LR_RULES),
                               ("objective", OBJECTIVES)):
             value = getattr(self, name)
@@ -337,8 +356,8 @@ def check_tuned(
 
 
 def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
-    """``base`` with the tuned loader, precision, learning rates, memory format, model and
-    (CUDA) the allocator cap that holds training under the tuned memory target.
+    """``base`` with the tuned loader, precision, learning rates, memory format, knobs
+    (threads, compile, cudnn.benchmark), model and (CUDA) the allocator cap that holds training under the tuned memory target.
 
     The model comes from the file because the measurements are only valid for it;
     explicit command-line flags are applied by the caller afterwards, and
@@ -361,6 +380,10 @@ def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
         ),
         precision=choice.precision,
         channels_last=choice.channels_last,
+        cpu_threads=choice.cpu_threads,
+        compile=choice.compile,
+        cudnn_benchmark=choice.cudnn_benchmark,
+        lr_noise_scale=choice.noise_scale,
         allocator_limit_bytes=_allocator_limit(tuned),
     )
 
@@ -397,7 +420,7 @@ def rescale_for_world_size(
         rescaled = replace(choice, world_size=new_world_size)
         lr_text = f"learning rates kept (lr_g {choice.lr_g:.3g}, lr_d {choice.lr_d:.3g}; rule none)"
     else:
-        lr = scale_lr(base_lr, base_batch, new_global, choice.lr_rule)
+        lr = scale_lr(base_lr, base_batch, new_global, choice.lr_rule, choice.noise_scale)
         rescaled = replace(choice, world_size=new_world_size, lr_g=lr, lr_d=lr)
         lr_text = (
             f"lr_g {choice.lr_g:.3g} -> {lr:.3g}, lr_d {choice.lr_d:.3g} -> {lr:.3g} "

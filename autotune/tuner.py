@@ -5,11 +5,24 @@ to a pure decision function (``autotune.search``, ``autotune.decisions``):
 
 1. probe the machine (NVML, torch.cuda, host) and parse the memory target;
 2. precision: fp32 / bf16 / fp16 trials at the reference batch -> ``choose_precision``;
-3. batch: double-then-bisect trials in that precision -> ``search_batch``;
-4. workers: DataLoader (CUDA) or end-to-end (CPU) throughput -> ``choose_workers``;
-5. learning rates: ``scale_lr`` for G and D from 1e-3 at batch 16;
+2b. noise scale (objective goodput): the generator's and the discriminator's gradient
+   noise scale at the reference batch on the real data (from a checkpoint's weights
+   with ``from_checkpoint``) -> the goodput score of the search;
+3. batch: double-then-bisect trials in that precision -> ``search_batch``, stopping
+   past the peak of the objective's score (unless ``find_edge``); goodput re-chooses
+   among the trials with ``choose_batch_by_goodput``;
+4. workers: DataLoader (CUDA) or, on a CPU, intra-op threads x workers end to end ->
+   ``choose_workers`` / ``choose_threads_workers``;
+4b. knobs: channels_last, cudnn.benchmark (CUDA), torch.compile (``try_compile``),
+   each measured and chosen by :mod:`autotune.knobs`;
+5. learning rates: ``scale_lr`` for G and D from 1e-3 at batch 16 (rule ``adascale``
+   from the measured noise scale under goodput);
 6. the seed default (batch 16, 4 workers, fp32, no pinning) and the recommendation,
    trained end to end on the same data, alternated, in this run.
+
+CPU trials (and CUDA ones with ``isolate``) run in forks of one pre-imported trial
+server per tuning run (:mod:`autotune.trial_server`); every trial is timed adaptively
+(:mod:`autotune.timing`) and carries its 95 % interval.
 
 Under ``torchrun`` (a :class:`arwgan.distributed.DistContext` in a process group)
 every rank measures its own device, and the ranks agree, since one DDP job trains with
@@ -50,6 +63,7 @@ from arwgan.distributed import DistContext, local_main_first, single_process
 from arwgan.errors import ConfigError
 from arwgan.step import GANStep, check_precision, resolve_device
 from autotune.decisions import (
+    LR_RULES,
     PrecisionMeasurement,
     WorkerMeasurement,
     choose_precision,
@@ -64,8 +78,32 @@ from autotune.measure import loader_images_per_s, training_images_per_s
 from autotune.memory import format_bytes, parse_target_mem
 from autotune.oom import is_oom
 from autotune.probes import Probes, device_fingerprint, real_probes, select_gpu, torch_info
-from autotune.search import SearchConfig, SearchError, SearchResult, search_batch
+from autotune.gns import NoiseScale, NoiseScaleEstimate
+from autotune.goodput import (
+    ADAM_LR_POWER,
+    BatchCandidate,
+    GoodputChoice,
+    choose_batch_by_goodput,
+    conservative_noise_scale,
+    efficiency,
+    verdict_line,
+)
+from autotune.knobs import (
+    KnobDecision,
+    Rate,
+    choose_compile,
+    choose_threads_workers,
+    choose_toggle,
+    measure_compile,
+    measure_threads_workers,
+    measure_toggle,
+    not_applicable,
+    thread_worker_candidates,
+)
+from autotune.search import Score, SearchConfig, SearchError, SearchResult, search_batch
+from autotune.timing import TimingConfig
 from autotune.trial import TrialMeasurement, TrialSpec, run_trial, run_trial_subprocess
+from autotune.trial_server import TrialServer, run_trial_preimported
 from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
 
 REFERENCE_BATCH = 16
@@ -73,7 +111,14 @@ REFERENCE_LR = 1e-3
 #: The seed report's starting point: every speed claim is measured against it.
 SEED_LOADER = LoaderConfig(batch_size=16, num_workers=4, pin_memory=False, persistent_workers=False)
 SEED_PRECISION = "fp32"
-OBJECTIVES = ("throughput", "memory")
+OBJECTIVES = ("goodput", "throughput", "memory")
+#: What a CPU trial server imports once, so that each trial's fork starts with it.
+TRIAL_PRELOAD = ("torch", "autotune.trial", "arwgan.step")
+#: The noise phase: micro-batches of the reference batch, this many per measurement
+#: (BatchNorm sees the reference batch; their mean is a batch of 64).
+NOISE_MICRO_BATCHES = 4
+#: Goodput candidates within this share of the best count as tied (the smallest wins).
+GOODPUT_TOLERANCE = 0.03
 
 
 @dataclass
@@ -85,8 +130,11 @@ class TuneConfig:
     device: str = "auto"
     target_mem: str | None = None
     """'20GB', '20GiB', '80%'...; None: 90 % of the GPU, half the available RAM on CPU."""
-    objective: str = "throughput"
-    lr_rule: str = "linear"
+    objective: str = "goodput"
+    """goodput (images/s x predicted statistical efficiency, from the measured gradient
+    noise scale) | throughput (images/s) | memory (largest batch that fits)."""
+    lr_rule: str | None = None
+    """linear | sqrt | none | adascale; None: adascale under goodput, linear otherwise."""
     precision: str | None = None
     """Force one precision instead of measuring them."""
     start_batch: int = 2
@@ -97,13 +145,22 @@ class TuneConfig:
     margin_fraction: float = 0.03
     """Safety margin below the target, as a share of it (converted to bytes)."""
     isolate: bool = False
-    """CUDA: run each trial in a fresh subprocess (CPU trials always are)."""
-    warmup_steps: int = 2
-    measure_steps: int = 3
-    """At least this many timed steps per trial."""
-    trial_images: int = 256
-    """A trial times at least this many images: at small batches three steps last a
-    fraction of a second, too short a window to tell batches apart on a noisy machine."""
+    """CUDA: run each trial in a subprocess of its own (CPU trials always are)."""
+    timing: TimingConfig = field(default_factory=lambda: TimingConfig(max_seconds=10.0))
+    """How long a trial (and a knob measurement) is timed: until its images/s is known
+    within ``rel_ci``, between a floor and a ceiling."""
+    find_edge: bool = False
+    """Search the memory edge even after the score has peaked (objective memory always does)."""
+    noise_steps: int = 16
+    """Goodput: noise-scale measurements (each on a fresh batch of 64 = 4 x 16)."""
+    from_checkpoint: str | None = None
+    """Goodput: measure the noise scale on this checkpoint's weights (a partly trained
+    model) instead of a fresh one."""
+    try_compile: bool = False
+    """Measure torch.compile (its compile time, a minute on a small CPU, is otherwise
+    not spent: it can rarely pay within a short CPU run)."""
+    planned_epochs: int = 10
+    """Length of the planned training run, for whether compiling pays within it."""
     worker_steps: int = 8
     """At most this many batches (or train steps on CPU) timed per worker candidate."""
     compare_steps: int = 10
@@ -122,10 +179,22 @@ class TuneConfig:
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be throughput or memory, got {self.objective!r}")
-        scale_lr(REFERENCE_LR, REFERENCE_BATCH, REFERENCE_BATCH, self.lr_rule)  # validates
-        for name in ("start_batch", "max_batch", "max_trials", "measure_steps", "worker_steps",
-                     "compare_steps", "compare_rounds"):
+            raise ConfigError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.lr_rule is None:
+            self.lr_rule = "adascale" if self.objective == "goodput" else "linear"
+        if self.lr_rule not in LR_RULES:
+            raise ConfigError(
+                f"learning-rate rule must be one of {', '.join(LR_RULES)}, got {self.lr_rule!r}"
+            )
+        if self.lr_rule == "adascale" and self.objective != "goodput":
+            raise ConfigError("learning-rate rule adascale needs --objective goodput "
+                              "(it scales with the gradient noise scale that objective measures)")
+        if self.from_checkpoint is not None and self.objective != "goodput":
+            raise ConfigError("--from-checkpoint measures the noise scale: it needs --objective goodput")
+        for name in ("start_batch", "max_batch", "max_trials", "worker_steps",
+                     "compare_steps", "compare_rounds", "noise_steps", "planned_epochs"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
@@ -244,6 +313,13 @@ class Tuner:
         self._context_remeasured = False
         self._datasets = None
         self.trials_run: list[TrialMeasurement] = []
+        self.trial_server: TrialServer | None = None
+        self.noise: dict | None = None
+        """The noise phase's record (objective goodput), for tuned.json."""
+        self.noise_scale: float | None = None
+        """The generator's noise scale the goodput choice is decided with; None when
+        unusable (the reference batch is then kept)."""
+        self.goodput: GoodputChoice | None = None
 
     def _resolve(self, name: str) -> torch.device:
         """``resolve_device``, except that an explicit cuda device is checked against the
@@ -340,8 +416,7 @@ class Tuner:
             precision=precision,
             device=str(self.device),
             batch=batch,
-            warmup_steps=self.cfg.warmup_steps,
-            measure_steps=max(self.cfg.measure_steps, math.ceil(self.cfg.trial_images / batch)),
+            timing=self.cfg.timing.to_dict(),
             channels_last=self.cfg.channels_last,
             seed=self.cfg.seed,
             memory_limit_bytes=self.target if self.device.type == "cpu" else None,
@@ -367,10 +442,22 @@ class Tuner:
         return measurement
 
     def _execute(self, spec: TrialSpec) -> TrialMeasurement:
-        """Run one trial (in this process, or in a fresh one on the CPU or with --isolate)."""
+        """Run one trial: in this process (CUDA), or in a fork of this run's pre-imported
+        trial server (CPU, CUDA with --isolate). Where forking is unavailable, a fresh
+        interpreter per trial, as before the server existed."""
+        timeout = 3 * self.cfg.trial_budget_s + 60
         if self.device.type == "cpu" or self.cfg.isolate:
-            return run_trial_subprocess(spec, timeout_s=3 * self.cfg.trial_budget_s + 60)
+            server = self._server()
+            if server is None:
+                return run_trial_subprocess(spec, timeout_s=timeout)
+            return run_trial_preimported(spec, timeout_s=timeout, server=server)
         return run_trial(spec, self.cuda)
+
+    def _server(self) -> TrialServer | None:
+        """This run's trial server, started at the first trial (closed by :meth:`close`)."""
+        if self.trial_server is None and hasattr(__import__("os"), "fork"):
+            self.trial_server = TrialServer(preload=TRIAL_PRELOAD).start()
+        return self.trial_server
 
     # -- phase 2: precision ----------------------------------------------------------------------
     def precision_candidates(self) -> list[str]:
@@ -416,10 +503,119 @@ class Tuner:
             max_batch=cfg.max_batch,
             max_trials=cfg.max_trials,
             trial_time_budget_s=cfg.trial_budget_s,
-            objective=cfg.objective,
+            # Goodput searches like throughput, with its own score (below).
+            objective="memory" if cfg.objective == "memory" else "throughput",
+            find_edge=cfg.find_edge,
         )
+        score = self.goodput_score()
         with self._memory_capped():
-            return search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg)
+            result = search_batch(lambda b: self.trial(b, precision).to_outcome(), search_cfg, score)
+        if cfg.objective == "goodput":
+            self.goodput = self.choose_by_goodput(result)
+            result = replace(result, chosen=self.goodput.chosen.batch)
+        return result
+
+    def goodput_score(self) -> Score | None:
+        """Goodput (images/s x predicted efficiency at the conservative noise scale) for
+        the search's choice and its past-the-peak stop; None (images/s) otherwise, and
+        when the noise scale is unusable (the growth is then stopped by throughput)."""
+        if self.cfg.objective != "goodput" or self.noise_scale is None:
+            return None
+        noise = self.noise_scale
+
+        def value(outcome) -> float | None:
+            if outcome.images_per_s is None:
+                return None
+            return outcome.images_per_s * efficiency(outcome.batch, REFERENCE_BATCH, noise)
+
+        return Score("goodput", value)
+
+    def choose_by_goodput(self, result: SearchResult) -> GoodputChoice:
+        """Among the successful trials, the batch with the best goodput (ties within
+        3 %: the smallest). With an unusable noise scale, the largest batch up to the
+        reference (efficiency cannot be predicted: the batch the rates were tuned at)."""
+        candidates = [BatchCandidate(t.batch, t.images_per_s) for t in result.trials
+                      if t.ok and t.images_per_s is not None]
+        if self.noise_scale is None:
+            # Efficiency unknown: every row at efficiency 1 for the table, the choice kept
+            # at the reference batch (or the largest tried below it).
+            shown = choose_batch_by_goodput(candidates, math.inf, REFERENCE_BATCH, ADAM_LR_POWER)
+            near = [r for r in shown.rows if r.batch <= REFERENCE_BATCH] or [shown.rows[0]]
+            return replace(shown, chosen=max(near, key=lambda r: r.batch))
+        return choose_batch_by_goodput(candidates, self.noise_scale, REFERENCE_BATCH,
+                                       ADAM_LR_POWER, GOODPUT_TOLERANCE)
+
+    # -- phase 2b: gradient noise scale --------------------------------------------------------
+    def measure_noise(self, precision: str) -> dict:
+        """The generator's and the discriminator's gradient noise scale at the reference
+        batch, on the real data (docs/goodput.md): ``noise_steps`` times, one training
+        step at the reference batch (from scratch only, so the measurement spans the
+        first steps rather than one point) and a measurement on a fresh batch of
+        4 x 16. With ``from_checkpoint`` the weights come from that checkpoint first."""
+        cfg = self.cfg
+        gan = self._gan(precision, REFERENCE_BATCH)
+        step = 0
+        if cfg.from_checkpoint is not None:
+            step = self._load_checkpoint(gan, cfg.from_checkpoint)
+        micro = REFERENCE_BATCH
+        batch = micro * NOISE_MICRO_BATCHES
+        train_loader = self._loader(LoaderConfig(REFERENCE_BATCH, 0, False, False, None), cfg.noise_steps + 4)
+        noise_loader = self._loader(LoaderConfig(batch, 0, False, False, None), cfg.noise_steps + 4)
+        noise_g, noise_d = NoiseScale(), NoiseScale()
+        started = time.perf_counter()
+        with self._memory_capped():
+            for i, (train_batch, noise_batch) in enumerate(zip(train_loader, noise_loader)):
+                if i >= cfg.noise_steps:
+                    break
+                (images, messages, *_), (big, big_messages, *_) = train_batch, noise_batch
+                self.report(f"noise scale: measurement {i + 1} of {cfg.noise_steps}")
+                if cfg.from_checkpoint is None:
+                    gan(*gan.to_device(images, messages))
+                gan.measure_gradient_noise(*gan.to_device(big, big_messages), NOISE_MICRO_BATCHES,
+                                           noise_g, noise_d)
+        est_g, est_d = noise_g.estimate(), noise_d.estimate()
+        if self.dist.distributed:  # one job, one batch: rank 0's measurement decides
+            est_g, est_d = self.dist.broadcast_object((est_g, est_d))
+        try:
+            self.noise_scale = conservative_noise_scale(est_g.noise_scale, est_g.noise_scale_stderr)
+        except ValueError as exc:
+            self.noise_scale = None
+            self.warnings.append(
+                f"gradient noise scale not usable ({exc}): batch kept at the reference "
+                f"{REFERENCE_BATCH}; raise --noise-steps or use --objective throughput"
+            )
+        del gan
+        self._release()
+        self.noise = {
+            "generator": est_g.to_dict(),
+            "discriminator": est_d.to_dict(),
+            "decided_with": self.noise_scale,
+            "space": "raw",
+            "micro_batch": micro,
+            "micro_batches": NOISE_MICRO_BATCHES,
+            "steps": cfg.noise_steps,
+            "measured_at_step": step + (0 if cfg.from_checkpoint else cfg.noise_steps),
+            "checkpoint": cfg.from_checkpoint,
+            "seconds": time.perf_counter() - started,
+        }
+        return self.noise
+
+    def _load_checkpoint(self, gan: GANStep, path: str) -> int:
+        """Load a training checkpoint's weights into ``gan`` (its model must be the one
+        tuned); returns the training step it was saved at."""
+        from arwgan.checkpoint import load_checkpoint
+        from arwgan.errors import CheckpointError
+
+        state = load_checkpoint(path)
+        saved = TrainConfig.from_dict(state["config"]).model
+        if saved.fingerprint() != self.cfg.model.fingerprint():
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained with another model config "
+                f"({saved.image_size}px, {saved.message_bits} bits, {saved.channels} channels, "
+                f"noise {saved.noise!r}); tune with its model flags"
+            )
+        gan.load_state_dict(state["gan"])
+        return int(gan.step_count)
 
     def _fraction(self) -> float:
         """The allocator's cap: the target less what the process holds outside it."""
@@ -473,9 +669,104 @@ class Tuner:
         sampler = EpochSampler(length, seed=self.cfg.seed, epoch=0)
         return make_loader(_Wrapped(train_set), loader_cfg, sampler, drop_last=True)
 
-    def _gan(self, precision: str, batch: int) -> GANStep:
+    def _gan(self, precision: str, batch: int, channels_last: bool | None = None) -> GANStep:
         optim = OptimConfig(lr_g=self.lr(batch), lr_d=self.lr(batch))
-        return GANStep(self.cfg.model, optim, precision, self.device, self.cfg.seed, self.cfg.channels_last)
+        memory_format = self.cfg.channels_last if channels_last is None else channels_last
+        return GANStep(self.cfg.model, optim, precision, self.device, self.cfg.seed, memory_format)
+
+    def measure_threads_workers(self, batch: int, precision: str) -> tuple[list[WorkerMeasurement], KnobDecision]:
+        """CPU: intra-op threads x DataLoader workers, end to end (they share the cores).
+        Returns the worker measurements at all threads (the workers table) followed by
+        the chosen pair as a :class:`WorkerMeasurement`, and the knob decision."""
+        cores = max(1, self.host.usable_cores // self.dist.local_world_size)
+        steps = self.steps_for(batch, self.cfg.worker_steps)
+        shm_limit = self._shm_worker_limit(batch)
+        candidates = [(t, w) for t, w in thread_worker_candidates(cores)
+                      if (self.cfg.max_workers is None or w <= self.cfg.max_workers)
+                      and (shm_limit is None or w * 2 <= shm_limit)]
+        gan = self._gan(precision, batch)
+
+        def measure_pair(workers: int) -> Rate:
+            self.report(f"threads x workers: {torch.get_num_threads()} threads, {workers} workers")
+            loader_cfg = LoaderConfig(batch, workers, pin_memory=False, persistent_workers=workers > 0,
+                                      prefetch_factor=2 if workers else None)
+            return Rate(self._worker_speed(gan, loader_cfg, max(steps, 3 * workers)))
+
+        measured, failed = measure_threads_workers(measure_pair, candidates)
+        del gan
+        gc.collect()
+        if not measured:
+            raise ConfigError(f"no threads x workers setting could train: {failed}")
+        decision = choose_threads_workers(measured)
+        if failed:
+            decision.measured["failed"] = failed
+        workers = [WorkerMeasurement(m.workers, 2 if m.workers else None, m.rate.images_per_s)
+                   for m in measured if m.threads == cores]
+        chosen = decision.value
+        rate = next(m.rate.images_per_s for m in measured
+                    if (m.threads, m.workers) == (chosen["threads"], chosen["workers"]))
+        best = WorkerMeasurement(chosen["workers"], 2 if chosen["workers"] else None, rate)
+        return [*workers, best], decision
+
+    # -- phase 4b: knobs -----------------------------------------------------------------------
+    def measure_knobs(self, batch: int, precision: str) -> list[KnobDecision]:
+        """channels_last, cudnn.benchmark (CUDA) and torch.compile (``try_compile``), each
+        timed adaptively on the chosen batch and precision and chosen only when it pays;
+        a setting that fails to build or run is recorded as such, never fatal."""
+        cuda = self.device.type == "cuda"
+        timing = self.cfg.timing
+        sync = self._sync if cuda else None
+        size, bits = self.cfg.model.image_size, self.cfg.model.message_bits
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        images = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
+        messages = torch.randint(0, 2, (batch, bits), generator=gen).float()
+        decisions = []
+
+        def step_with(**options):
+            gan = self._gan(precision, batch, options.get("channels_last"))
+            if options.get("compiled"):
+                gan.compile()
+            x, m = gan.to_device(images, messages)
+            return lambda: gan(x, m)
+
+        with self._memory_capped():
+            self.report("knobs: channels_last")
+            off, on = measure_toggle(lambda flag: step_with(channels_last=flag), batch, timing, sync)
+            decisions.append(choose_toggle("channels_last", off, on))
+            self._release()
+            if cuda:
+                self.report("knobs: cudnn.benchmark")
+                decisions.append(self._measure_cudnn_benchmark(step_with, batch, timing, sync))
+            else:
+                decisions.append(not_applicable("cudnn_benchmark", None, "cuDNN is CUDA only"))
+            if self.cfg.try_compile:
+                self.report("knobs: torch.compile (compiling)")
+                planned = self.cfg.planned_epochs * len(self.datasets()[0])
+                measured = measure_compile(lambda flag: step_with(compiled=flag), batch, timing, sync)
+                decisions.append(choose_compile(measured, planned))
+                self._release()
+            else:
+                decisions.append(KnobDecision(
+                    "compile", False,
+                    "not measured: compiling takes about a minute on a small CPU and seldom pays "
+                    "in a short run; --try-compile measures whether it pays in the planned run"))
+        return decisions
+
+    def _measure_cudnn_benchmark(self, step_with, batch: int, timing, sync) -> KnobDecision:
+        backends = torch.backends.cudnn
+        before = backends.benchmark
+
+        def make(flag: bool):
+            backends.benchmark = flag
+            return step_with()
+
+        try:
+            off, on = measure_toggle(make, batch, timing, sync)
+        finally:
+            backends.benchmark = before
+            self._release()
+        decision = choose_toggle("cudnn_benchmark", off, on)
+        return decision
 
     def measure_workers(self, batch: int, precision: str, consumption: float | None) -> list[WorkerMeasurement]:
         cuda = self.device.type == "cuda"
@@ -557,7 +848,17 @@ class Tuner:
 
     # -- phase 5: learning rate ----------------------------------------------------------------
     def lr(self, batch: int) -> float:
-        return scale_lr(REFERENCE_LR, REFERENCE_BATCH, batch, self.cfg.lr_rule)
+        return scale_lr(REFERENCE_LR, REFERENCE_BATCH, batch, *self.lr_rule())
+
+    def lr_rule(self) -> tuple[str, float | None]:
+        """The rule the rates follow, with the noise scale ``adascale`` needs. Before the
+        noise phase (the noise phase itself trains at the reference batch) and with an
+        unusable noise scale, adascale has nothing to scale with: rule none."""
+        if self.cfg.lr_rule == "adascale":
+            if self.noise_scale is None:
+                return "none", None
+            return "adascale", self.noise_scale
+        return self.cfg.lr_rule, None
 
     # -- phase 6: seed default vs recommendation -------------------------------------------------
     def compare(self, recommended: TrainConfig) -> dict:
@@ -568,20 +869,23 @@ class Tuner:
         fit there (the seed default is fp32 at batch 16) is reported in a sentence, not
         raised: the search result stands."""
         configs = {
-            "seed_default": (SEED_LOADER, SEED_PRECISION),
-            "recommended": (recommended.loader, recommended.precision),
+            "seed_default": (SEED_LOADER, SEED_PRECISION, False, None),
+            "recommended": (recommended.loader, recommended.precision, recommended.channels_last,
+                            recommended.cpu_threads),
         }
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         failed: dict[str, str] = {}
         with self._memory_capped():
             for round_index in range(self.cfg.compare_rounds):
-                for name, (loader_cfg, precision) in configs.items():
+                for name, (loader_cfg, precision, channels_last, threads) in configs.items():
                     if name in failed:
                         continue
                     self.report(f"compare: {name} (round {round_index + 1})")
                     steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
                     try:
-                        speeds[name].append(self._train_speed(loader_cfg, precision, steps))
+                        with _threads(threads):
+                            speeds[name].append(self._train_speed(loader_cfg, precision, steps,
+                                                                  channels_last))
                     except Exception as exc:  # noqa: BLE001 - an OOM is an outcome
                         if not is_oom(exc):
                             raise
@@ -605,9 +909,10 @@ class Tuner:
             self.warnings.append(result["note"])
         return result
 
-    def _train_speed(self, loader_cfg: LoaderConfig, precision: str, steps: int) -> float:
+    def _train_speed(self, loader_cfg: LoaderConfig, precision: str, steps: int,
+                     channels_last: bool = False) -> float:
         """End-to-end images/s of one configuration: a fresh GAN fed by a fresh loader."""
-        gan = self._gan(precision, loader_cfg.batch_size)
+        gan = self._gan(precision, loader_cfg.batch_size, channels_last)
         depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
         loader = self._loader(loader_cfg, steps + depth + 4)
         return training_images_per_s(gan, loader, steps, sync=self._sync)
@@ -654,19 +959,39 @@ class Tuner:
             chosen_precision = choose_precision(precisions).precision
         except ValueError as exc:
             raise ConfigError(f"no precision could run the model: {exc}") from None
+        if cfg.objective == "goodput":
+            self.measure_noise(chosen_precision)
         result = self.search_agreed(chosen_precision)
         batch = result.chosen
         memory_after = self._process_memory()
+        if self.goodput is not None and self.goodput.chosen.batch != batch:
+            # Ranks agreed on a smaller batch than this one's goodput choice.
+            rows = [r for r in self.goodput.rows if r.batch == batch]
+            if rows:
+                self.goodput = replace(self.goodput, chosen=rows[0])
 
         chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
         consumption = chosen_trial.images_per_s if self.device.type == "cuda" else None
-        workers = self.measure_workers(batch, chosen_precision, consumption)
-        own_best = choose_workers(workers, consumption)
+        knobs: list[KnobDecision] = []
+        threads = None
+        if self.device.type == "cpu":
+            workers, pairs = self.measure_threads_workers(batch, chosen_precision)
+            own_best, threads = workers[-1], pairs.value["threads"]
+            workers = workers[:-1]
+            knobs.append(pairs)
+        else:
+            workers = self.measure_workers(batch, chosen_precision, consumption)
+            own_best = choose_workers(workers, consumption)
         best = self.dist.broadcast_object(own_best)
+        threads = self.dist.broadcast_object(threads)
+        knobs += self.measure_knobs(batch, chosen_precision)
+        knobs = self.dist.broadcast_object(knobs)
+        knob_value = {k.knob: k.value for k in knobs}
         storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 
         global_batch = batch * world
         factor = global_batch / REFERENCE_BATCH
+        rule, noise_scale = self.lr_rule()
         lr = self.lr(global_batch)
         warn = lr_warning(lr / REFERENCE_LR)
         if warn:
@@ -680,24 +1005,36 @@ class Tuner:
             precision=chosen_precision,
             lr_g=lr,
             lr_d=lr,
-            warmup_steps=warmup_steps_for(cfg.lr_rule, factor),
-            lr_rule=cfg.lr_rule,
+            warmup_steps=warmup_steps_for(
+                rule, factor, None if noise_scale is None else noise_scale / REFERENCE_BATCH),
+            lr_rule=rule,
             objective=cfg.objective,
             world_size=world,
+            channels_last=bool(knob_value.get("channels_last", cfg.channels_last)),
+            noise_scale=noise_scale,
+            cpu_threads=threads,
+            compile=bool(knob_value.get("compile", False)),
+            cudnn_benchmark=knob_value.get("cudnn_benchmark"),
         )
         recommended = TrainConfig(
             model=cfg.model,
             loader=LoaderConfig(batch, best.workers, choice.pin_memory, choice.persistent_workers,
                                 choice.prefetch_factor),
             precision=chosen_precision,
+            channels_last=choice.channels_last,
+            cpu_threads=threads,
         )
         own_comparison = self.compare(recommended)
         comparison = own_comparison
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
-        # Recommend only what was measured faster than the seed default (pure rule).
+        # Recommend only what was measured faster than the seed default (pure rule); under
+        # goodput "faster" means more predicted training progress per second.
+        efficiency = (self.goodput.chosen.efficiency
+                      if cfg.objective == "goodput" and self.goodput is not None else 1.0)
         verdict = judge_recommendation(comparison["seed_default_images_per_s"],
-                                       comparison["recommended_images_per_s"], cfg.objective)
+                                       comparison["recommended_images_per_s"], cfg.objective,
+                                       efficiency=efficiency)
         candidate, choice = choice, choice if verdict.keep_candidate else self.seed_choice(world)
         self.warnings += [verdict.message] if verdict.message else []
         measurements = {
@@ -714,11 +1051,24 @@ class Tuner:
             "memory_before_search_bytes": memory_before,
             "memory_after_search_bytes": memory_after,
             "comparison": comparison,
+            "knobs": [k.to_dict() for k in knobs],
             "storage": storage,
             "tuning_seconds": time.perf_counter() - started,
             "warnings": self.warnings,
             "machine": machine,
         }
+        if self.noise is not None:
+            measurements["noise_scale"] = self.noise
+        if self.goodput is not None:
+            measurements["goodput"] = self.goodput.to_dict()
+            seed = comparison.get("seed_default_images_per_s")
+            if seed and self.noise_scale is not None:
+                # The verdict compares the end-to-end rates of the comparison phase.
+                rec = comparison.get("recommended_images_per_s") or self.goodput.chosen.images_per_s
+                chosen = replace(self.goodput.chosen, images_per_s=rec,
+                                 goodput=rec * self.goodput.chosen.efficiency)
+                measurements["goodput_verdict"] = verdict_line(
+                    replace(self.goodput, chosen=chosen), SEED_LOADER.batch_size, seed)
         if self.dist.distributed:
             own = {
                 "rank": self.dist.rank,
@@ -755,13 +1105,16 @@ class Tuner:
     def seed_choice(self, world: int) -> TunedChoice:
         """The seed default as a tuned choice, learning rates by this run's rule."""
         global_batch = SEED_LOADER.batch_size * world
+        rule, noise_scale = self.lr_rule()
         return TunedChoice(
             batch_size=SEED_LOADER.batch_size, num_workers=SEED_LOADER.num_workers,
             pin_memory=SEED_LOADER.pin_memory, persistent_workers=SEED_LOADER.persistent_workers,
             prefetch_factor=SEED_LOADER.prefetch_factor, precision=SEED_PRECISION,
             lr_g=self.lr(global_batch), lr_d=self.lr(global_batch),
-            warmup_steps=warmup_steps_for(self.cfg.lr_rule, global_batch / REFERENCE_BATCH),
-            lr_rule=self.cfg.lr_rule, objective=self.cfg.objective, world_size=world,
+            warmup_steps=warmup_steps_for(
+                rule, global_batch / REFERENCE_BATCH,
+                None if noise_scale is None else noise_scale / REFERENCE_BATCH),
+            lr_rule=rule, objective=self.cfg.objective, world_size=world, noise_scale=noise_scale,
         )
 
     def search_agreed(self, precision: str) -> SearchResult:
@@ -806,8 +1159,13 @@ class Tuner:
         )
 
     def close(self) -> None:
-        """Hand NVML back (``nvmlShutdown``)."""
-        self.probes.nvml.close()
+        """Stop this run's trial server and hand NVML back (``nvmlShutdown``)."""
+        try:
+            if self.trial_server is not None:
+                self.trial_server.close()
+                self.trial_server = None
+        finally:
+            self.probes.nvml.close()
 
     def _device_identity(self) -> dict:
         """Name and memory of this rank's GPU (NVML, else torch), for the per-rank record."""
@@ -867,6 +1225,15 @@ class _Wrapped(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         return self.dataset[(index % len(self.dataset), seed)]
+
+
+def _threads(threads: int | None):
+    """torch's intra-op threads for a block (None: unchanged)."""
+    if threads is None:
+        return contextlib.nullcontext()
+    from autotune.knobs import torch_threads
+
+    return torch_threads(threads)
 
 
 def _tool_version() -> str:

@@ -125,7 +125,8 @@ def run_shape(model: ModelConfig, args) -> dict:
     seed_runs, tuned_runs = [], []
     for _ in range(args.rounds):
         seed_runs.append(measure(SEED_LOADER, SEED_PRECISION))
-        tuned_runs.append(measure(tuned_loader, choice.precision, choice.channels_last))
+        tuned_runs.append(measure(tuned_loader, choice.precision, choice.channels_last,
+                                  choice.cpu_threads))
     seed_ips, tuned_ips = statistics.median(seed_runs), statistics.median(tuned_runs)
     print(f"(a) seed default {seed_ips:.1f} img/s, tuned {tuned_ips:.1f} img/s: "
           f"{tuned_ips / seed_ips:.2f}x (median of {args.rounds} alternated rounds)", flush=True)
@@ -151,7 +152,8 @@ def run_shape(model: ModelConfig, args) -> dict:
               flush=True)
     grid_s = time.perf_counter() - grid_started
     best = max(grid, key=lambda g: g["images_per_s"])
-    chosen_ips = measure(tuned_loader, choice.precision, choice.channels_last)  # grid protocol
+    chosen_ips = measure(tuned_loader, choice.precision, choice.channels_last,
+                         choice.cpu_threads)  # grid protocol
     best_knobs = (f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
                   if args.grid_knobs else "")
     print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
@@ -165,7 +167,9 @@ def run_shape(model: ModelConfig, args) -> dict:
         "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
         "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
                    "prefetch": choice.prefetch_factor, "precision": choice.precision,
-                   "channels_last": choice.channels_last},
+                   "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
+                   "compile": choice.compile, "objective": choice.objective,
+                   "noise_scale": choice.noise_scale},
         "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
         "speedup": tuned_ips / seed_ips, "grid": grid, "grid_s": grid_s, "grid_best": best,
         "choice_images_per_s_in_grid_protocol": chosen_ips,
@@ -193,7 +197,8 @@ def main() -> None:
     parser.add_argument("--message-bits", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--noise", default="")
-    parser.add_argument("--objective", default="throughput", choices=("throughput", "memory"))
+    parser.add_argument("--objective", default="goodput", choices=("goodput", "throughput", "memory"),
+                        help="the tuner's objective (default: the tuner's own, goodput)")
     parser.add_argument("--target-mem", default="3GB")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-workers", type=int, default=None,

@@ -387,6 +387,15 @@ def test_a_candidate_not_faster_than_the_seed_default_is_not_recommended() -> No
     assert judge_recommendation(float("nan"), 50.0, "throughput").keep_candidate
 
 
+def test_under_goodput_the_verdict_weighs_images_per_second_by_efficiency() -> None:
+    # 1.5x the images/s at 0.6 efficiency is 0.9x the training progress per second.
+    behind = judge_recommendation(100.0, 150.0, "goodput", efficiency=0.6)
+    assert not behind.keep_candidate and behind.speedup == pytest.approx(0.9)
+    assert "0.60 predicted efficiency" in behind.message and "holds the seed default" in behind.message
+    ahead = judge_recommendation(100.0, 150.0, "goodput", efficiency=0.8)
+    assert ahead.keep_candidate and ahead.speedup == pytest.approx(1.2)
+
+
 def test_explicit_batch_with_a_tuned_file_rescales_the_learning_rates() -> None:
     from arwgan.cli import rescale_for_batch
     from autotune.tuned import TunedChoice

@@ -217,7 +217,7 @@ def test_scale_lr(rule, batch, expected):
     "args,message",
     [
         ((1e-3, 16, 64, "cosine"),
-         "learning-rate rule must be one of linear, sqrt, none, got 'cosine'"),
+         "learning-rate rule must be one of linear, sqrt, none, adascale, got 'cosine'"),
         ((0.0, 16, 64, "linear"), "base learning rate"),
         ((float("inf"), 16, 64, "linear"), "base learning rate"),
         ((1e-3, 0, 64, "linear"), "base batch"),
@@ -230,7 +230,7 @@ def test_scale_lr_rejects(args, message):
 
 
 def test_lr_rules_and_factor():
-    assert LR_RULES == ("linear", "sqrt", "none")
+    assert LR_RULES == ("linear", "sqrt", "none", "adascale")
     assert lr_factor("sqrt", 64) == 8.0
     with pytest.raises(ConfigError):
         lr_factor("exp", 2)
@@ -352,3 +352,25 @@ def test_precision_all_failed_lists_reasons():
     )
     with pytest.raises(ValueError, match="nothing measured"):
         choose_precision([])
+
+
+def test_adascale_rule_is_the_square_root_of_the_gain():
+    # B_noise 48, B0 16, B 64: gain r = 4 (48 + 16) / (48 + 64) = 16/7; Adam takes r ** 0.5.
+    assert scale_lr(1e-3, 16, 64, "adascale", noise_scale=48.0) == pytest.approx(1e-3 * (16 / 7) ** 0.5)
+    assert scale_lr(1e-3, 16, 16, "adascale", noise_scale=48.0) == pytest.approx(1e-3)
+    # Noise scale 0: each step is worth one reference step, whatever the batch.
+    assert scale_lr(1e-3, 16, 64, "adascale", noise_scale=0.0) == pytest.approx(1e-3)
+    # Warm-up follows the multiplier: 100 x (16/7) ** 0.5 = 151 steps.
+    assert warmup_steps_for("adascale", 4.0, 48.0 / 16) == 151
+
+
+def test_adascale_gain_chains_exactly():
+    """Rescaling a rescaled rate (the trainer under another world size) equals scaling
+    from the reference at once."""
+    via = scale_lr(scale_lr(1e-3, 16, 64, "adascale", 30.0), 64, 256, "adascale", 30.0)
+    assert via == pytest.approx(scale_lr(1e-3, 16, 256, "adascale", 30.0))
+
+
+def test_adascale_without_a_noise_scale_is_refused():
+    with pytest.raises(ConfigError, match="noise scale"):
+        scale_lr(1e-3, 16, 64, "adascale")

@@ -38,6 +38,7 @@ from autotune.oom import is_oom
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, HostInfo, Probes, TorchInfo
 from autotune.trial import TrialSpec, run_trial
 from autotune.tuner import TuneConfig, Tuner
+from autotune.timing import TimingConfig
 from helpers import assert_one_error_line
 
 # The fake CUDA device makes the tuner ask for pinned batches on a CPU-only torch.
@@ -114,7 +115,8 @@ def fake_gpu(monkeypatch):
 def tune_config(tiny_data_dir: Path, **overrides) -> TuneConfig:
     cfg = dict(model=MODEL, data_dir=str(tiny_data_dir), device="cuda", target_mem="8GB",
                max_workers=0, compare_rounds=1, compare_steps=3, worker_steps=3,
-               measure_images=16, trial_images=8, max_trials=8, max_batch=256)
+               measure_images=16, max_trials=8, max_batch=256, objective="throughput",
+               timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1))
     cfg.update(overrides)
     return TuneConfig(**cfg)
 
@@ -143,10 +145,10 @@ def test_every_cuda_phase_runs_under_the_cap_and_restores_the_previous_one(fake_
     assert all(f == pytest.approx(expected_cap(CONTEXT)) for _, _, f in log[:second])
     assert all(f == pytest.approx(expected_cap(CONTEXT + LAZY)) for _, _, f in log[second:])
     kinds = {message.split(":")[0] for message, fraction in phases if fraction != PREVIOUS_FRACTION}
-    assert {"trial", "workers", "compare"} <= kinds
+    assert {"trial", "workers", "knobs", "compare"} <= kinds
     # Each phase puts back the cap that was there before it, not 1.0.
     restores = [f for f in cuda.fraction_history if f == PREVIOUS_FRACTION]
-    phases_run = 3 + 1 + 1 + 1  # three precision trials, search, workers, comparison
+    phases_run = 3 + 1 + 1 + 1 + 1  # three precision trials, search, workers, knobs, comparison
     assert len(restores) == phases_run
     assert 1.0 not in cuda.fraction_history
     assert result.tuned.choice.batch_size >= 2
@@ -407,10 +409,13 @@ def test_trials_and_training_set_the_same_cudnn_flags(monkeypatch, make_config):
     from rich.console import Console
 
     calls = []
-    monkeypatch.setattr(autotune.device, "configure_cudnn", calls.append)
-    monkeypatch.setattr(arwgan.trainer, "configure_cudnn", calls.append)
+    def record(device_type, benchmark=None):
+        calls.append(device_type)
+
+    monkeypatch.setattr(autotune.device, "configure_cudnn", record)
+    monkeypatch.setattr(arwgan.trainer, "configure_cudnn", record)
     run_trial(TrialSpec(model=MODEL.to_dict(), precision="fp32", device="cpu", batch=2,
-                        warmup_steps=1, measure_steps=1))
+                        timing=dict(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1)))
     Trainer(make_config(), Console(file=io.StringIO()))
     assert calls == ["cpu", "cpu"]
 

@@ -51,10 +51,13 @@ def test_train_step_runs_in_each_precision(precision: str) -> None:
 
 
 def _tuner(tmp_path: Path, **overrides):
+    from autotune.timing import TimingConfig
     from autotune.tuner import TuneConfig, Tuner
 
     cfg = TuneConfig(model=SEARCH_MODEL, device="cuda:0", target_mem=TARGET, max_batch=4096,
-                     max_trials=10, warmup_steps=1, measure_steps=1, trial_images=32, **overrides)
+                     max_trials=10, objective="throughput",
+                     timing=TimingConfig(min_samples=2, max_samples=3, min_seconds=0.0, warmup_steps=1),
+                     **overrides)
     tuner = Tuner(cfg)
     tuner.probe()
     tuner.target = tuner.target_bytes()
@@ -118,7 +121,8 @@ def test_oom_trial_leaves_memory_at_its_pre_trial_level(previous_fraction) -> No
     cuda.set_memory_fraction(TARGET_BYTES / cuda.mem_get_info(0)[1], 0)
     try:
         m = run_trial(TrialSpec(model=SEARCH_MODEL.to_dict(), precision="fp32", device="cuda:0",
-                                batch=4096, warmup_steps=1, measure_steps=1), cuda)
+                                batch=4096, timing=dict(min_samples=2, max_samples=2, min_seconds=0.0,
+                                                          warmup_steps=1)), cuda)
     finally:
         cuda.set_memory_fraction(previous_fraction, 0)
     assert m.reason == "oom", m

@@ -267,3 +267,9 @@ def test_tuned_choice_channels_last_defaults_and_applies(tmp_path):
     assert load_tuned(path).choice.channels_last is False
     with pytest.raises(ValueError, match="channels_last"):
         TunedChoice(**{**asdict(choice), "channels_last": "yes"})
+
+
+def test_a_rate_without_an_interval_shows_none():
+    """End-to-end rates (threads x workers) carry no interval: '+-0 %' would claim one."""
+    assert str(Rate(94.25)) == "94.2 img/s"
+    assert str(Rate(94.25, 0.021)) == "94.2 img/s +-2 %"

@@ -107,7 +107,8 @@ def _spec(batch: int, **kwargs):
 
     model = ModelConfig(image_size=16, message_bits=4, channels=8)
     return TrialSpec(model=model.to_dict(), precision="fp32", device="cpu", batch=batch,
-                     warmup_steps=1, measure_steps=2, threads=1, **kwargs)
+                     timing=dict(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1),
+                     threads=1, **kwargs)
 
 
 @pytest.mark.slow
@@ -147,7 +148,7 @@ def test_trial_past_the_memory_limit_is_an_oom(torch_server):
 @pytest.mark.slow
 def test_trial_time_limit_is_too_slow(torch_server):
     spec = _spec(8)
-    spec.measure_steps = 10**6
+    spec.timing = dict(min_samples=10**6, max_samples=10**6, max_seconds=10**6, warmup_steps=1)
     measurement = run_trial_preimported(spec, timeout_s=1.0, server=torch_server)
     assert (measurement.ok, measurement.reason) == (False, "too_slow")
 

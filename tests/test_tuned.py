@@ -290,6 +290,42 @@ def test_apply_tuned_sets_every_field():
     assert applied.precision == "bf16"
     assert (applied.epochs, applied.seed) == (3, 7)  # not the tuner's business
     assert base.loader.batch_size == 16  # base untouched
+    # Knobs absent from the choice keep today's behaviour.
+    assert (applied.cpu_threads, applied.compile, applied.cudnn_benchmark) == (None, False, None)
+
+
+def test_apply_tuned_applies_the_knobs_and_the_noise_scale():
+    choice = make_choice(channels_last=True, cpu_threads=1, compile=True, cudnn_benchmark=False,
+                         lr_rule="adascale", objective="goodput", noise_scale=40.0)
+    applied = apply_tuned(make_tuned(choice=choice), TrainConfig())
+    assert (applied.channels_last, applied.cpu_threads, applied.compile, applied.cudnn_benchmark) == (
+        True, 1, True, False)
+    assert applied.lr_noise_scale == 40.0
+
+
+def test_file_without_the_new_fields_loads_with_todays_defaults(tmp_path):
+    """A tuned file written before the knobs and goodput (no noise_scale, cpu_threads,
+    compile, cudnn_benchmark) still loads."""
+    path = tmp_path / "tuned.json"
+    save_tuned(path, make_tuned())
+    data = json.loads(path.read_text())
+    for key in ("noise_scale", "cpu_threads", "compile", "cudnn_benchmark", "channels_last"):
+        del data["choice"][key]
+    path.write_text(json.dumps(data))
+    choice = load_tuned(path).choice
+    assert (choice.noise_scale, choice.cpu_threads, choice.compile, choice.cudnn_benchmark) == (
+        None, None, False, None)
+
+
+def test_adascale_choice_needs_its_noise_scale():
+    with pytest.raises(ConfigError, match="noise_scale"):
+        make_choice(lr_rule="adascale", objective="goodput")
+
+
+def test_rescale_adascale_for_world_size_uses_the_noise_scale():
+    choice = make_choice(lr_rule="adascale", objective="goodput", noise_scale=48.0)
+    rescaled, _ = rescale_for_world_size(choice, 4)  # global batch 256 from 16
+    assert rescaled.lr_g == pytest.approx(1e-3 * (16 * (48 + 16) / (48 + 256)) ** 0.5)
 
 
 def test_apply_tuned_without_workers_clears_prefetch():

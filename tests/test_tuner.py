@@ -16,6 +16,7 @@ from autotune.cli import app as tune_app
 from autotune.probes import FakeHostProbe, HostInfo
 from autotune.tuned import load_tuned
 from autotune.tuner import TuneConfig, Tuner, worker_candidates
+from autotune.timing import TimingConfig
 from helpers import assert_one_error_line
 
 TINY_MODEL = ["--image-size", "16", "--message-bits", "4", "--channels", "8", "--noise", ""]
@@ -24,7 +25,7 @@ TINY_MODEL = ["--image-size", "16", "--message-bits", "4", "--channels", "8", "-
 # that overran it at the start batch failed the whole run).
 FAST = [
     "--device", "cpu", "--max-batch", "32", "--max-trials", "6", "--max-workers", "1",
-    "--compare-steps", "2", "--trial-budget", "3600",
+    "--compare-steps", "2", "--trial-budget", "3600", "--noise-steps", "4",
 ]
 
 
@@ -119,12 +120,28 @@ def test_tuning_writes_a_complete_tuned_file(tuned_run) -> None:
     assert {p["precision"] for p in m["precision"]} == {"fp32", "bf16"}
     assert candidate["num_workers"] in (0, 1)
     assert {w["workers"] for w in m["workers"]} >= {0, 1}
-    assert candidate["lr_g"] == pytest.approx(1e-3 * candidate["batch_size"] / 16)
+    # The default objective: goodput, learning rates by the adascale rule.
+    assert candidate["objective"] == "goodput"
+    noise = m["noise_scale"]
+    assert noise["steps"] == 4 and noise["measured_at_step"] == 4 and noise["checkpoint"] is None
+    if candidate["noise_scale"] is None:  # an estimate that says nothing: reference batch, rate kept
+        assert (candidate["lr_rule"], candidate["lr_g"]) == ("none", pytest.approx(1e-3))
+    else:
+        assert candidate["lr_rule"] == "adascale" and candidate["noise_scale"] == noise["decided_with"]
+        b, n = candidate["batch_size"], candidate["noise_scale"]
+        assert candidate["lr_g"] == pytest.approx(1e-3 * (b / 16 * (n + 16) / (n + b)) ** 0.5)
+        assert m["goodput"]["chosen_batch"] == candidate["batch_size"]
+        assert "to the same training progress" in m["goodput_verdict"]
     if verdict["keep_candidate"]:
         assert asdict(choice) == candidate
     else:
         assert (choice.batch_size, choice.num_workers, choice.precision) == (16, 4, "fp32")
         assert "holds the seed default" in verdict["message"]
+    assert [k["knob"] for k in m["knobs"]] == ["threads_workers", "channels_last", "cudnn_benchmark",
+                                               "compile"]
+    assert candidate["cpu_threads"] in (1, 2) and candidate["compile"] is False
+    for trial in m["trials"]:
+        assert trial["timing_stop"] in ("converged", "max_samples", "max_seconds")
     comparison = m["comparison"]
     assert comparison["seed_default_images_per_s"] > 0 and comparison["recommended_images_per_s"] > 0
     assert comparison["speedup"] == pytest.approx(
@@ -156,6 +173,9 @@ def test_train_from_tuned_uses_the_tuned_configuration(tuned_run, tiny_data_dir:
     assert saved["precision"] == tuned.choice.precision
     assert saved["optim"]["lr_g"] == pytest.approx(tuned.choice.lr_g)
     assert saved["model"] == tuned.model
+    assert saved["cpu_threads"] == tuned.choice.cpu_threads
+    assert saved["channels_last"] == tuned.choice.channels_last
+    assert saved["lr_noise_scale"] == tuned.choice.noise_scale
     with (out / "log.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 1
 
@@ -290,8 +310,9 @@ def test_objective_memory_lands_between_85_and_100_percent_of_a_small_target(tin
     cfg = TuneConfig(
         model=TuneConfig().model.__class__(image_size=32, message_bits=8, channels=16, noise=""),
         data_dir=str(tiny_data_dir), device="cpu", target_mem="1.6GB", objective="memory",
-        precision="fp32", start_batch=8, max_batch=4096, max_trials=12, measure_steps=1, trial_images=8,
-        warmup_steps=1, trial_budget_s=3600,  # never binds: the outcome must not depend on load
+        precision="fp32", start_batch=8, max_batch=4096, max_trials=12,
+        trial_budget_s=3600,  # never binds: the outcome must not depend on load
+        timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1),
     )
     tuner = Tuner(cfg)
     tuner.probe()
@@ -301,3 +322,25 @@ def test_objective_memory_lands_between_85_and_100_percent_of_a_small_target(tin
     chosen = next(t for t in result.trials if t.batch == result.chosen)
     share = chosen.peak_bytes / tuner.target
     assert 0.85 <= share <= 1.0, (share, [(t.batch, t.peak_bytes, t.reason) for t in result.trials])
+
+
+@pytest.mark.slow
+def test_resume_continues_under_a_tuned_file(tuned_run, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """The hand-off of --from-checkpoint: a run saved at the end of an epoch continues
+    with the tuned batch, precision and learning rates."""
+    tuned_path, _ = tuned_run
+    tuned = load_tuned(tuned_path)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(tiny_data_dir), "--steps-per-epoch", "1", "--val-images", "8",
+              "--device", "cpu", "--out", str(out), *TINY_MODEL]
+    first = CliRunner().invoke(train_app, [*common, "--epochs", "1", "--batch", "4", "--workers", "0"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(
+        train_app, ["--resume", str(out / "last.pt"), "--from-tuned", str(tuned_path), "--epochs", "2",
+                    "--data-dir", str(tiny_data_dir), "--steps-per-epoch", "1", "--val-images", "8",
+                    "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    saved = torch.load(out / "last.pt", weights_only=False)
+    assert saved["epoch"] == 2
+    assert saved["config"]["loader"]["batch_size"] == tuned.choice.batch_size
+    assert saved["config"]["precision"] == tuned.choice.precision

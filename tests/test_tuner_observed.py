@@ -12,6 +12,7 @@ import torch
 
 from arwgan.config import LoaderConfig, ModelConfig, TrainConfig
 from autotune.probes import TorchCudaProbe, describe_machine, real_probes, select_gpu
+from autotune.timing import TimingConfig
 from autotune.trial import TrialSpec, run_trial_subprocess
 from autotune.tuner import TuneConfig, Tuner
 
@@ -25,7 +26,8 @@ def test_cpu_trial_past_its_memory_limit_is_stopped_and_reported_as_oom() -> Non
     OOM that names the limit (an OOM ends the batch growth; an error would abort)."""
     spec = TrialSpec(
         model=TINY.to_dict(), precision="fp32", device="cpu", batch=2,
-        warmup_steps=1, measure_steps=1, memory_limit_bytes=64 * MiB,
+        timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1).to_dict(),
+        memory_limit_bytes=64 * MiB,
     )
     measurement = run_trial_subprocess(spec, timeout_s=300)
     assert (measurement.ok, measurement.reason) == (False, "oom"), measurement
@@ -70,7 +72,7 @@ def test_the_verdict_runs_the_seed_default_and_the_recommendation(
 def test_real_torch_cuda_probe_without_cuda() -> None:
     probe = TorchCudaProbe()
     assert probe.available() is False
-    assert probe.bf16_supported() is False
+    assert probe.bf16_supported(0) is False
     probes = real_probes()
     assert select_gpu(probes, "cpu") is None
     if not probes.nvml.available():

@@ -1,0 +1,439 @@
+"""The tuner's wiring of the faster-tuner pieces (trial server, adaptive timing, past-the-
+peak stop, knobs) and of goodput (noise phase, goodput choice, adascale, tables).
+
+Fake trials where the measurement is not the point; a tiny real model on the CPU where
+it is (the noise phase, the knobs, one adaptive trial)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from arwgan.config import ModelConfig, TrainConfig
+from autotune.probes import FakeHostProbe, FakeNvmlProbe, FakeTorchCudaProbe, HostInfo, Probes
+from autotune.timing import STOPS, TimingConfig
+from autotune.trial import TrialMeasurement, TrialSpec, run_trial
+from autotune.tuner import REFERENCE_BATCH, TuneConfig, Tuner
+
+TINY = ModelConfig(image_size=16, message_bits=4, channels=8, noise="")
+FAST_TIMING = TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1)
+HOST = HostInfo(usable_cores=2, logical_cores=2, physical_cores=2, ram_total_bytes=24 * 2**30,
+                ram_available_bytes=20 * 2**30, cpu_name="fake")
+
+
+def cpu_tuner(data_dir: Path, **overrides) -> Tuner:
+    probes = Probes(nvml=FakeNvmlProbe([]), cuda=FakeTorchCudaProbe(total_bytes=0),
+                    host=FakeHostProbe(HOST))
+    cfg = dict(model=TINY, data_dir=str(data_dir), device="cpu", target_mem="8GB",
+               timing=FAST_TIMING, noise_steps=2, worker_steps=2, measure_images=8)
+    cfg.update(overrides)
+    tuner = Tuner(TuneConfig(**cfg), probes=probes)
+    tuner.probe()
+    tuner.target = tuner.target_bytes()
+    return tuner
+
+
+def fake_curve(tuner: Tuner, rates: dict[int, float], rel_ci: float = 0.01) -> list[int]:
+    """Replace the tuner's trials by a throughput curve; returns the batches tried."""
+    tried = []
+
+    def trial(batch: int, precision: str) -> TrialMeasurement:
+        tried.append(batch)
+        return TrialMeasurement(batch=batch, ok=True, reason="ok", peak_bytes=2**20 * batch,
+                                images_per_s=rates[batch], seconds=0.1,
+                                images_per_s_rel_ci=rel_ci, timing_stop="converged")
+
+    tuner.trial = trial
+    return tried
+
+
+# -- defaults ------------------------------------------------------------------------------------
+def test_goodput_is_the_default_objective_with_the_adascale_rule():
+    cfg = TuneConfig()
+    assert (cfg.objective, cfg.lr_rule) == ("goodput", "adascale")
+    assert TuneConfig(objective="throughput").lr_rule == "linear"
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    (dict(objective="throughput", lr_rule="adascale"), "needs --objective goodput"),
+    (dict(objective="memory", from_checkpoint="x.pt"), "needs --objective goodput"),
+    (dict(objective="speed"), "goodput, throughput, memory"),
+    (dict(noise_steps=0), "noise steps"),
+])
+def test_config_refuses_combinations_that_cannot_work(kwargs, fragment):
+    from arwgan.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=fragment):
+        TuneConfig(**kwargs)
+
+
+# -- trial server and adaptive timing ---------------------------------------------------------------
+class FakeServer:
+    started = 0
+    closed = 0
+
+    def __init__(self, preload):
+        self.preload = preload
+
+    def start(self):
+        FakeServer.started += 1
+        return self
+
+    def close(self):
+        FakeServer.closed += 1
+
+
+def test_cpu_trials_share_one_preimported_server_closed_with_the_tuner(tiny_data_dir, monkeypatch):
+    FakeServer.started = FakeServer.closed = 0
+    calls = []
+
+    def preimported(spec, timeout_s=None, server=None):
+        calls.append((spec.batch, server))
+        return TrialMeasurement(batch=spec.batch, ok=True, reason="ok", peak_bytes=1,
+                                images_per_s=1.0)
+
+    monkeypatch.setattr("autotune.tuner.TrialServer", FakeServer)
+    monkeypatch.setattr("autotune.tuner.run_trial_preimported", preimported)
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.trial(2, "fp32")
+    tuner.trial(4, "fp32")
+    assert FakeServer.started == 1 and calls[0][1] is calls[1][1]
+    assert calls[0][1].preload == ("torch", "autotune.trial", "arwgan.step")
+    tuner.close()
+    assert FakeServer.closed == 1
+
+
+def test_the_server_is_closed_when_the_run_fails(tiny_data_dir, monkeypatch):
+    FakeServer.started = FakeServer.closed = 0
+    monkeypatch.setattr("autotune.tuner.TrialServer", FakeServer)
+    tuner = cpu_tuner(tiny_data_dir)
+
+    def broken():
+        tuner._server()
+        raise RuntimeError("mid-run failure")
+
+    tuner._run = broken
+    with pytest.raises(RuntimeError, match="mid-run"):
+        tuner.run()
+    assert (FakeServer.started, FakeServer.closed) == (1, 1)
+
+
+def test_a_trial_is_timed_adaptively_and_records_its_interval():
+    spec = TrialSpec(model=TINY.to_dict(), precision="fp32", device="cpu", batch=4,
+                     timing=dict(min_samples=3, max_samples=3, min_seconds=0.0, warmup_steps=1))
+    m = run_trial(spec)
+    assert m.ok and m.images_per_s > 0
+    assert m.images_per_s_rel_ci is not None and m.images_per_s_rel_ci >= 0
+    assert m.timing_stop in STOPS
+    assert m.to_outcome().images_per_s_rel_ci == m.images_per_s_rel_ci
+
+
+# -- the stop past the peak and --find-edge -----------------------------------------------------------
+PEAKED = {2: 10.0, 4: 20.0, 8: 40.0, 16: 64.0, 32: 50.0, 64: 40.0, 128: 30.0, 256: 20.0,
+          512: 10.0, 1024: 5.0, 2048: 2.0, 4096: 1.0}
+
+
+def test_throughput_search_stops_past_the_peak_and_says_so(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput")
+    tried = fake_curve(tuner, PEAKED)
+    result = tuner.search("fp32")
+    assert tried == [2, 4, 8, 16, 32, 64]
+    assert result.chosen == 16 and result.peak_batch == 16
+    assert result.stop_reason.startswith("memory edge not searched: throughput peaked at 16")
+
+
+def test_find_edge_keeps_searching_past_the_peak(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", find_edge=True, max_trials=16)
+    tried = fake_curve(tuner, PEAKED)
+    result = tuner.search("fp32")
+    assert tried == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert result.chosen == 16 and result.peak_batch is None
+
+
+# -- goodput ------------------------------------------------------------------------------------
+# Throughput still rising at 64, but B_noise 16 makes each image at 64 worth (16+16)/(16+64) = 0.4.
+RISING = {2: 4.0, 4: 8.0, 8: 16.0, 16: 30.0, 32: 44.0, 64: 60.0, 128: 70.0, 256: 75.0,
+          512: 78.0, 1024: 79.0, 2048: 80.0, 4096: 80.0}
+
+
+def test_goodput_chooses_where_efficiency_falls_faster_than_throughput_rises(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.noise_scale = 16.0
+    tried = fake_curve(tuner, RISING)
+    result = tuner.search("fp32")
+    # goodput: 16 -> 30.0, 32 -> 44 x 32/48 = 29.3, 64 -> 60 x 0.4 = 24, 128 -> 70 x 32/144 = 15.6
+    assert tried == [2, 4, 8, 16, 32, 64, 128]
+    assert result.stop_reason.startswith("memory edge not searched: goodput peaked at 16")
+    assert result.chosen == 16
+    assert tuner.goodput.chosen.batch == 16
+    row = tuner.goodput.row(64)
+    assert row.efficiency == pytest.approx(0.4) and row.goodput == pytest.approx(24.0)
+
+
+def test_goodput_with_a_large_noise_scale_takes_a_larger_batch(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, max_batch=256)
+    tuner.noise_scale = 1000.0
+    fake_curve(tuner, RISING)
+    result = tuner.search("fp32")
+    # goodput at 128: 70 x 1016/1128 = 63.0; at 256: 75 x 1016/1256 = 60.7; at 64: 56.6
+    assert result.chosen == 128
+
+
+def test_unusable_noise_scale_keeps_the_reference_batch(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, max_batch=256)
+    tuner.noise_scale = None  # as measure_noise leaves it when the estimate says nothing
+    fake_curve(tuner, RISING)
+    result = tuner.search("fp32")
+    assert result.chosen == REFERENCE_BATCH
+    assert tuner.lr_rule() == ("none", None) and tuner.lr(64) == pytest.approx(1e-3)
+
+
+def test_adascale_learning_rate_follows_the_noise_scale(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.noise_scale = 48.0
+    assert tuner.lr(64) == pytest.approx(1e-3 * (4 * 64 / 112) ** 0.5)
+
+
+@pytest.mark.slow
+def test_noise_phase_measures_both_networks_on_real_data(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir)
+    record = tuner.measure_noise("fp32")
+    assert set(record) >= {"generator", "discriminator", "decided_with", "measured_at_step",
+                           "checkpoint", "micro_batch", "micro_batches", "steps"}
+    assert (record["micro_batch"], record["micro_batches"], record["steps"]) == (16, 4, 2)
+    assert record["measured_at_step"] == 2 and record["checkpoint"] is None
+    assert record["generator"]["steps"] == 2 and record["discriminator"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_noise_phase_from_a_checkpoint_records_its_training_step(tiny_data_dir, tmp_path):
+    from arwgan.checkpoint import save_checkpoint
+    from arwgan.config import OptimConfig
+    from arwgan.step import GANStep
+
+    gan = GANStep(TINY, OptimConfig(), "fp32", torch.device("cpu"))
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    messages = torch.randint(0, 2, (4, 4)).float()
+    for _ in range(3):
+        gan(images, messages)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"config": TrainConfig(model=TINY).to_dict(), "gan": gan.state_dict()})
+    tuner = cpu_tuner(tiny_data_dir, from_checkpoint=str(path))
+    record = tuner.measure_noise("fp32")
+    assert record["measured_at_step"] == 3 and record["checkpoint"] == str(path)
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_data_dir, tmp_path):
+    from arwgan.checkpoint import save_checkpoint
+    from arwgan.errors import CheckpointError
+
+    other = ModelConfig(image_size=16, message_bits=6, channels=8, noise="")
+    path = tmp_path / "other.pt"
+    save_checkpoint(path, {"config": TrainConfig(model=other).to_dict(), "gan": {}})
+    tuner = cpu_tuner(tiny_data_dir, from_checkpoint=str(path))
+    with pytest.raises(CheckpointError, match="another model config"):
+        tuner.measure_noise("fp32")
+
+
+# -- knobs ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_knobs_are_measured_and_a_failing_compile_is_recorded(tiny_data_dir, monkeypatch):
+    from arwgan.step import GANStep
+
+    def broken(self):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(GANStep, "compile", broken)
+    tuner = cpu_tuner(tiny_data_dir, try_compile=True)
+    decisions = {d.knob: d for d in tuner.measure_knobs(4, "fp32")}
+    assert list(decisions) == ["channels_last", "cudnn_benchmark", "compile"]
+    assert set(decisions["channels_last"].measured) >= {"off", "on"}
+    assert decisions["cudnn_benchmark"].reason.startswith("not measured")
+    assert decisions["compile"].value is False
+    assert "compile failed (RuntimeError: no C++ compiler)" in decisions["compile"].reason
+
+
+@pytest.mark.slow
+def test_compile_is_not_measured_without_try_compile(tiny_data_dir, monkeypatch):
+    from arwgan.step import GANStep
+
+    monkeypatch.setattr(GANStep, "compile", lambda self: pytest.fail("compiled"))
+    decisions = {d.knob: d for d in cpu_tuner(tiny_data_dir).measure_knobs(4, "fp32")}
+    assert decisions["compile"].value is False
+    assert "--try-compile" in decisions["compile"].reason
+
+
+@pytest.mark.slow
+def test_cpu_threads_and_workers_are_measured_together(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, max_workers=1)
+    workers, decision = tuner.measure_threads_workers(4, "fp32")
+    pairs = {(p["threads"], p["workers"]) for p in decision.measured["pairs"]}
+    assert pairs == {(2, 0), (1, 1), (2, 1)}
+    assert set(decision.value) == {"threads", "workers"}
+    assert workers[-1].workers == decision.value["workers"]
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def goodput_result():
+    from autotune.report import result_from_tuned
+    from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
+
+    choice = TunedChoice(batch_size=32, num_workers=0, pin_memory=False, persistent_workers=False,
+                         prefetch_factor=None, precision="bf16", lr_g=1.2e-3, lr_d=1.2e-3,
+                         warmup_steps=120, lr_rule="adascale", objective="goodput", noise_scale=32.0,
+                         cpu_threads=1)
+    trials = [dict(batch=16, ok=True, peak_bytes=2**30, images_per_s=50.0, seconds=1.0, reason="ok",
+                   images_per_s_rel_ci=0.021),
+              dict(batch=32, ok=True, peak_bytes=2**30, images_per_s=90.0, seconds=1.0, reason="ok",
+                   images_per_s_rel_ci=0.03)]
+    rows = [dict(batch=16, images_per_s=50.0, gain=1.0, efficiency=1.0, goodput=50.0, lr_factor=1.0, fits=True),
+            dict(batch=32, images_per_s=90.0, gain=4 / 3, efficiency=2 / 3, goodput=60.0,
+                 lr_factor=(4 / 3) ** 0.5, fits=True)]
+    measurements = {
+        "target_bytes": 4 * 2**30, "machine": {}, "precision": [], "workers": [], "worker_mode": "end to end",
+        "search": {"trials": trials, "chosen": 32, "peak_batch": 32,
+                   "stop_reason": "memory edge not searched: goodput peaked at 32; batch 64, 128 clearly below"},
+        "trials": [dict(t, timing_stop="converged") for t in trials],
+        "comparison": {"seed_default_images_per_s": 30.0, "recommended_images_per_s": 90.0,
+                       "speedup": 3.0, "rounds": {"seed_default": [30.0], "recommended": [90.0]}},
+        "noise_scale": {"generator": {"noise_scale": 40.0, "noise_scale_stderr": 8.0, "steps": 16},
+                        "discriminator": {"noise_scale": 12.0, "noise_scale_stderr": 3.0, "steps": 16},
+                        "decided_with": 32.0, "micro_batch": 16, "micro_batches": 4, "steps": 16,
+                        "measured_at_step": 16, "checkpoint": None},
+        "goodput": {"chosen_batch": 32, "noise_scale": 32.0, "reference_batch": 16, "rows": rows},
+        "knobs": [{"knob": "channels_last", "value": False, "reason": "off: x0.98", "measured": {}},
+                  {"knob": "compile", "value": False, "reason": "not measured: --try-compile", "measured": {}}],
+        "goodput_verdict": "predicted 2.00x sooner to the same training progress than the seed default: "
+                   "3.00x the images per second, but at batch 32 each image is worth 0.67 of one at batch 16",
+    }
+    tuned = TunedFile(schema_version=SCHEMA_VERSION, created_utc="now", device={}, model=TINY.to_dict(),
+                      model_fingerprint=TINY.fingerprint(), choice=choice, measurements=measurements,
+                      tool_version="test")
+    return result_from_tuned(tuned)
+
+
+def render(*tables) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    for table in tables:
+        console.print(table)
+    return out.getvalue()
+
+
+def test_tables_show_the_interval_the_stop_reason_goodput_and_knobs():
+    from autotune.report import goodput_table, knobs_table, noise_table, trials_table
+
+    result = goodput_result()
+    text = render(trials_table(result), goodput_table(result), noise_table(result), knobs_table(result))
+    assert "50.0 ±2 %" in text and "90.0 ±3 %" in text
+    assert "memory edge not searched: goodput peaked at 32" in text
+    assert "predicted efficiency" in text and "0.67" in text and "60.0" in text
+    assert "40.0" in text and "8.0" in text and "decided with the generator's" in text
+    assert "channels_last" in text and "--try-compile" in text
+
+
+def test_recommendation_puts_the_efficiency_beside_the_images_per_second():
+    from autotune.report import print_report
+
+    out = io.StringIO()
+    print_report(Console(file=out, width=250), goodput_result())
+    text = out.getvalue()
+    # Seed batch 16 efficiency 1, chosen batch 32 at B_noise 32: 48/64 = 0.75.
+    assert "3.00x images/s x 0.75 efficiency = 2.25x predicted training speed-up" in text
+    assert "predicted 2.00x sooner to the same training progress" in text
+
+
+def test_throughput_recommendation_does_not_call_images_per_second_a_speed_up():
+    from dataclasses import replace
+
+    from autotune.report import recommendation_table
+
+    result = goodput_result()
+    m = dict(result.tuned.measurements)
+    del m["goodput"], m["noise_scale"], m["goodput_verdict"]
+    choice = replace(result.tuned.choice, lr_rule="linear", objective="throughput", noise_scale=None)
+    result = replace(result, tuned=replace(result.tuned, choice=choice, measurements=m))
+    text = render(recommendation_table(result))
+    assert "3.00x images/s; not a training speed-up" in text
+    assert math.isclose(result.tuned.measurements["comparison"]["speedup"], 3.0)
+
+
+def test_resume_mid_epoch_under_another_tuned_batch_is_refused(tmp_path):
+    from arwgan.checkpoint import save_checkpoint
+    from arwgan.cli import check_resume_with_tuned
+    from arwgan.config import LoaderConfig
+    from arwgan.errors import UserError
+
+    path = tmp_path / "last.pt"
+    saved = TrainConfig(loader=LoaderConfig(batch_size=16))
+    save_checkpoint(path, {"config": saved.to_dict(), "epoch_step": 3})
+    tuned = TrainConfig(loader=LoaderConfig(batch_size=64))
+    with pytest.raises(UserError, match="saved mid-epoch at batch 16"):
+        check_resume_with_tuned(path, saved, tuned)
+    check_resume_with_tuned(path, saved, saved)  # same batch: the position stays right
+    save_checkpoint(path, {"config": saved.to_dict(), "epoch_step": 0})
+    check_resume_with_tuned(path, saved, tuned)  # end of an epoch: any batch
+
+
+def test_tuned_cudnn_benchmark_false_turns_benchmark_mode_off():
+    from autotune.device import configure_cudnn
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        configure_cudnn("cuda", False)
+        assert torch.backends.cudnn.benchmark is False
+        configure_cudnn("cuda", None)  # today's default: on
+        assert torch.backends.cudnn.benchmark is (not torch.backends.cudnn.deterministic)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def test_a_forked_cuda_trial_sets_its_device_and_cap_first(monkeypatch):
+    """--isolate runs CUDA trials in forks of the trial server: the child sets the
+    allocator cap from its spec before the trial, as a fresh trial process does."""
+    import autotune.device
+    import autotune.trial
+    from autotune.trial_server import _run_trial_payload
+
+    calls = []
+
+    class Cuda:
+        def set_device(self, index):
+            calls.append(("device", index))
+
+        def set_memory_fraction(self, fraction, index):
+            calls.append(("fraction", fraction, index))
+
+    def trial(spec):
+        calls.append(("trial", spec.batch))
+        return TrialMeasurement(batch=spec.batch, ok=True, reason="ok")
+
+    monkeypatch.setattr(autotune.device, "CudaDevice", Cuda)
+    monkeypatch.setattr(autotune.trial, "run_trial", trial)
+    spec = TrialSpec(model=TINY.to_dict(), precision="fp32", device="cuda:1", batch=8,
+                     memory_fraction=0.5)
+    from dataclasses import asdict
+
+    assert _run_trial_payload(asdict(spec))["ok"] is True
+    assert calls == [("device", 1), ("fraction", 0.5, 1), ("trial", 8)]
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--from-checkpoint", "/nonexistent/last.pt"], "/nonexistent/last.pt' does not exist"),
+    (["--objective", "throughput", "--lr-rule", "adascale"], "needs --objective goodput"),
+    (["--noise-steps", "0"], "noise steps"),
+])
+def test_new_cli_flags_fail_in_one_line(flags, fragment):
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+    from helpers import assert_one_error_line
+
+    result = CliRunner().invoke(app, ["--device", "cpu", *flags])
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, fragment)
