@@ -9,7 +9,7 @@ DEMO_OUT ?= runs/demo
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,plot]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,plot,tensorboard]'
 	@touch $(STAMP)
 
 install: $(STAMP)
