@@ -7,14 +7,15 @@
 #     any step or any check failed;
 #   - a skipped GPU test counts as a failure (pytest alone exits 0 when all skip);
 #   - what a step needs (pytest, matplotlib for --plot) is checked, not assumed.
-# Steps and their time limits (sum 465 s, under 8 minutes on one H100):
+# Steps and their time limits (sum 460 s, under 8 minutes on one H100):
 #   preflight 25 s | pytest -m gpu 130 s | tune the official model at --target-mem 20GB
-#   250 s (workers up to the 16 cores, no oversubscribed count) | 1-GPU torchrun smoke
-#   run 60 s. Then one summary: summary.json + summary.txt
-#   (also printed at the end), with every figure docs/results.md needs.
+#   200 s (workers up to the 16 cores, no oversubscribed count) | arwgan doctor on the
+#   tuned configuration 45 s | 1-GPU torchrun smoke run 60 s. Then one summary:
+#   summary.json + summary.txt (also printed at the end), with every figure
+#   docs/results.md needs.
 # Files written under $OUT (at most 8): summary.json summary.txt pytest_gpu.txt tune.txt
-#   tuned.json trials.png torchrun.txt; scratch (junit XML, the smoke run's checkpoint)
-#   goes to a temporary folder.
+#   tuned.json trials.png torchrun.txt doctor.json; scratch (junit XML, the smoke run's
+#   checkpoint, the doctor's log) goes to a temporary folder.
 set -uo pipefail  # no -e: one failing step must not skip the later ones or the summary
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -71,10 +72,17 @@ tail -4 "$OUT/pytest_gpu.txt"
 step "tune the official model (128x128, 30 bits, 64 channels) at --target-mem 20GB"
 plot=(--plot "$OUT/trials.png")
 "$PY" -c "import matplotlib" 2>/dev/null || plot=()
-timeout 250 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
+timeout 200 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
     --max-workers 16 "${plot[@]}" > "$OUT/tune.txt" 2>&1
 rc[tune]=$?
 tail -30 "$OUT/tune.txt"
+
+step "arwgan doctor on the tuned configuration (30 s of training, report as JSON)"
+timeout 45 "$PY" -m arwgan doctor --from-tuned "$OUT/tuned.json" --device cuda --seconds 30 \
+    --json > "$OUT/doctor.json" 2> "$SCRATCH/doctor.txt"
+rc[doctor]=$?
+tail -3 "$SCRATCH/doctor.txt"
+[ -s "$OUT/doctor.json" ] || rm -f "$OUT/doctor.json"  # no empty report left behind
 
 step "1-GPU torchrun smoke run (DDP over NCCL, one process)"
 timeout 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m arwgan.cli \
@@ -87,11 +95,12 @@ tail -3 "$OUT/torchrun.txt"
 step "summary"
 "$PY" benchmarks/gpu_summary.py "$OUT" --junit "$SCRATCH/junit.xml" \
     --torchrun-log "$SCRATCH/torchrun_log.csv" --rc "pytest=${rc[pytest]}" \
-    --rc "tune=${rc[tune]}" --rc "torchrun=${rc[torchrun]}" --missing "${missing# }" \
+    --rc "tune=${rc[tune]}" --rc "doctor=${rc[doctor]}" --rc "torchrun=${rc[torchrun]}" \
+    --missing "${missing# }" \
     --seconds "$(( $(date +%s) - start ))"
 summary_rc=$?
 [ "$summary_rc" -ne 0 ] && status=1
-for name in pytest tune torchrun; do
+for name in pytest tune doctor torchrun; do
     [ "${rc[$name]}" -ne 0 ] && status=1
 done
 step "done: exit $status"

@@ -119,6 +119,9 @@ def human_lines(summary: dict) -> list[str]:
                      f"{after.get('torch_reserved_bytes')} bytes; tuning {t['tuning_seconds']:.0f} s")
     else:
         lines.append("tuning: no tuned.json (see tune.txt)")
+    verdict = (summary.get("doctor") or {}).get("verdict")
+    if verdict:
+        lines.append(f"doctor on the tuned configuration: {verdict['label']}: {verdict['evidence']}")
     smoke = summary["torchrun"]
     lines.append(f"torchrun 1-GPU smoke: exit {summary['exit_codes'].get('torchrun')}, "
                  f"{smoke.get('images_per_s', '-')} img/s, steps {smoke.get('step', '-')}")
@@ -167,6 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     if not smoke:
         failed.append("torchrun smoke run wrote no log row")
     summary["torchrun"] = smoke
+    doctor_path = out / "doctor.json"
+    if doctor_path.exists():
+        try:
+            report = json.loads(doctor_path.read_text())
+            summary["doctor"] = {key: value for key, value in report.items() if key != "timeline"}
+        except ValueError as exc:
+            failed.append(f"doctor.json unreadable: {exc}")
+    elif "doctor" in codes:
+        failed.append("doctor wrote no report")
     summary["failed"] = failed
     summary["passed"] = not failed
     text = "\n".join(human_lines(summary)) + "\n"
