@@ -260,8 +260,10 @@ def rescale_for_batch(choice, batch: int):
     from autotune.decisions import scale_lr
 
     old_global, new_global = choice.batch_size * choice.world_size, batch * choice.world_size
-    lr_g = scale_lr(choice.lr_g, old_global, new_global, choice.lr_rule)
-    lr_d = scale_lr(choice.lr_d, old_global, new_global, choice.lr_rule)
+    # AdaScale gains compose: the gain from the old batch to the new one, with the same
+    # noise scale, is the ratio of their gains from the reference batch.
+    lr_g = scale_lr(choice.lr_g, old_global, new_global, choice.lr_rule, choice.noise_scale)
+    lr_d = scale_lr(choice.lr_d, old_global, new_global, choice.lr_rule, choice.noise_scale)
     message = (
         f"--batch {batch} instead of the tuned {choice.batch_size}: learning rates "
         f"G {choice.lr_g:.3g} -> {lr_g:.3g}, D {choice.lr_d:.3g} -> {lr_d:.3g} "

@@ -414,6 +414,13 @@ def test_explicit_batch_with_a_tuned_file_rescales_the_learning_rates() -> None:
     assert sqrt.lr_g == pytest.approx(2e-3)
     kept, _ = rescale_for_batch(replace(choice, lr_rule="none"), 16)
     assert kept.lr_g == 4e-3
+    # adascale, noise scale 32 images: the gain at 64 from the reference 16 is
+    # (32/16 + 1) / (32/64 + 1) = 2, so the tuned rate is 1e-3 x sqrt(2) and --batch 16
+    # brings it back to the reference 1e-3 (the rule's noise scale goes with it).
+    ada = replace(choice, lr_rule="adascale", noise_scale=32.0, lr_g=1e-3 * 2**0.5, lr_d=1e-3 * 2**0.5)
+    back, message = rescale_for_batch(ada, 16)
+    assert back.lr_g == pytest.approx(1e-3) and back.noise_scale == 32.0
+    assert "adascale rule" in message
 
 
 # -- CLI conventions ---------------------------------------------------------------------------
