@@ -71,10 +71,16 @@ def _ssim_float32(a: torch.Tensor, b: torch.Tensor, window: int, sigma: float) -
     channels = a.shape[1]
     size = min(window, a.shape[-1], a.shape[-2])
     kernel = _gaussian_window(size, sigma, a.device)
-    kernel = kernel.expand(channels, 1, size, size)
+    return _mean_ssim(a, b, kernel.expand(channels, 1, size, size), padding=0)
+
+
+def _mean_ssim(a: torch.Tensor, b: torch.Tensor, kernel: torch.Tensor, padding: int) -> torch.Tensor:
+    """Mean of the SSIM map per image: local statistics are ``kernel``-weighted sums per
+    channel (zero ``padding`` around the image), C1 = 0.01^2, C2 = 0.03^2."""
+    channels = a.shape[1]
 
     def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, kernel, groups=channels)
+        return F.conv2d(x, kernel, padding=padding, groups=channels)
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a**2
@@ -101,18 +107,7 @@ def ssim_official_per_image(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         channels = a.shape[1]
         kernel = _gaussian_window_cpu(SSIM_WINDOW, SSIM_SIGMA).to(a.device)
         kernel = kernel.expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)
-
-        def blur(x: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(x, kernel, padding=SSIM_WINDOW // 2, groups=channels)
-
-        mu_a, mu_b = blur(a), blur(b)
-        var_a = blur(a * a) - mu_a**2
-        var_b = blur(b * b) - mu_b**2
-        cov = blur(a * b) - mu_a * mu_b
-        ssim_map = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / (
-            (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
-        )
-        return ssim_map.flatten(1).mean(dim=1)
+        return _mean_ssim(a, b, kernel, padding=SSIM_WINDOW // 2)
 
 
 #: The SSIM forms a training loss can use (``ModelConfig.ssim_loss``).
