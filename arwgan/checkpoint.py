@@ -269,3 +269,17 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def require_same_model(path: str | Path, state: dict[str, Any], model: Any, hint: str = "") -> None:
+    """Refuse a checkpoint whose model config is not ``model`` (a ModelConfig): its
+    weights, and every measurement made on them, belong to another network."""
+    from arwgan.config import TrainConfig
+
+    saved = TrainConfig.from_dict(state["config"]).model
+    if saved.fingerprint() != model.fingerprint():
+        raise CheckpointError(
+            f"checkpoint '{path}' was trained with another model config "
+            f"({saved.image_size}px, {saved.message_bits} bits, {saved.channels} channels, "
+            f"noise {saved.noise!r}){hint}"
+        )

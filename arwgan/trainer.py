@@ -34,6 +34,7 @@ from arwgan.checkpoint import (
     atomic_write_bytes,
     load_checkpoint,
     load_model_weights,
+    require_same_model,
     rng_states,
     save_checkpoint,
     set_rng_states,
@@ -280,13 +281,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path)
-        saved_model = TrainConfig.from_dict(state["config"]).model
-        if saved_model.fingerprint() != self.cfg.model.fingerprint():
-            raise CheckpointError(
-                f"checkpoint '{path}' was trained with another model config "
-                f"({saved_model.image_size}px, {saved_model.message_bits} bits, "
-                f"{saved_model.channels} channels, noise {saved_model.noise!r})"
-            )
+        require_same_model(path, state, self.cfg.model)
         saved_world = int(state.get("world_size", 1))
         if int(state["epoch_step"]) and saved_world != self.dist.world_size:
             # Its position counts global batches of another size: the samples already

@@ -603,17 +603,10 @@ class Tuner:
     def _load_checkpoint(self, gan: GANStep, path: str) -> int:
         """Load a training checkpoint's weights into ``gan`` (its model must be the one
         tuned); returns the training step it was saved at."""
-        from arwgan.checkpoint import load_checkpoint
-        from arwgan.errors import CheckpointError
+        from arwgan.checkpoint import load_checkpoint, require_same_model
 
         state = load_checkpoint(path)
-        saved = TrainConfig.from_dict(state["config"]).model
-        if saved.fingerprint() != self.cfg.model.fingerprint():
-            raise CheckpointError(
-                f"checkpoint '{path}' was trained with another model config "
-                f"({saved.image_size}px, {saved.message_bits} bits, {saved.channels} channels, "
-                f"noise {saved.noise!r}); tune with its model flags"
-            )
+        require_same_model(path, state, self.cfg.model, "; tune with its model flags")
         gan.load_state_dict(state["gan"])
         return int(gan.step_count)
 
