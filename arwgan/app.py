@@ -22,7 +22,7 @@ from arwgan.console import (
 from arwgan.errors import DataError, UserError
 from arwgan.outputs import check_output_folder, os_reason
 from autotune.console import status
-from autotune.cli import autotune
+from arwgan.autotune_cli import autotune
 
 group = typer.Typer(
     add_completion=False,

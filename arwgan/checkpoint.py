@@ -15,10 +15,8 @@ onto ours, their unused layers ignored (:func:`official_to_ours`).
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,37 +24,12 @@ from typing import Any
 import torch
 
 from arwgan.errors import CheckpointError
+from autotune.outputs import atomic_write_bytes
 
 FORMAT_VERSION = 1
 #: Image size assumed for an official checkpoint (the official default; the networks
 #: are fully convolutional, so it only matters for training and evaluation crops).
 OFFICIAL_IMAGE_SIZE = 128
-
-
-def atomic_write_bytes(path: str | Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; a plain open() would give 0666 less the umask,
-        # which is what teammates and web servers reading the outputs expect.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    # The only portable way to read the umask is to set it; set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -17,16 +17,13 @@ import typer
 
 from arwgan.config import LR_RULES, PRECISIONS, TrainConfig, parse_loss_weights, with_overrides
 from arwgan.console import (
-    CONTEXT_SETTINGS, EXIT_INTERRUPTED, VersionFlag, entry_point, fail, say, warn,
+    CONTEXT_SETTINGS, EXIT_INTERRUPTED, VersionFlag, entry_point, fail, say, typer_app, warn,
 )
 from arwgan.errors import TrainingDiverged, UserError
 from arwgan.outputs import check_output_folder, require_module
 from arwgan.runs import LATEST, prepare_run_folder, resolve_resume
 
-app = typer.Typer(
-    add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-    context_settings=CONTEXT_SETTINGS,
-)
+app = typer_app()
 
 # Choices are enums so that click checks them while parsing (before torch is imported)
 # and --help lists them.
@@ -217,10 +214,12 @@ def tuned_base(
     from arwgan.config import ModelConfig
     from arwgan.distributed import env_local_rank, is_main
     from arwgan.step import resolve_device
+    from arwgan.tuning import apply_tuned, load_arwgan_tuned
+    from arwgan.workload import REFERENCE_BATCH, REFERENCE_LRS
     from autotune.probes import device_fingerprint, real_probes, torch_info
-    from autotune.tuned import apply_tuned, check_tuned, load_tuned, rescale_for_world_size
+    from autotune.tuned import check_tuned, rescale_for_world_size
 
-    tuned = load_tuned(path)
+    tuned = load_arwgan_tuned(path)
     tuned_model = ModelConfig.from_dict(tuned.model)
     wanted = with_overrides(
         TrainConfig(model=tuned_model),
@@ -234,8 +233,10 @@ def tuned_base(
         index = device.index if device.index is not None else env_local_rank()
         gpu = probes.nvml.gpu(index)
     fingerprint = device_fingerprint(gpu, probes.host.info(), torch_info(), device.type)
-    warnings = check_tuned(tuned, wanted, fingerprint, force, path=path)
-    choice, message = rescale_for_world_size(tuned.choice, world_size)
+    warnings = check_tuned(tuned, wanted.to_dict(), fingerprint, force, path=path)
+    choice, message = rescale_for_world_size(
+        tuned.choice, world_size, tuned.workload.get("reference_lrs") or REFERENCE_LRS,
+        tuned.workload.get("reference_batch") or REFERENCE_BATCH)
     messages = [message] if message else []
     if batch is not None and batch >= 1 and batch != choice.batch_size:
         choice, message = rescale_for_batch(choice, batch)
@@ -262,14 +263,15 @@ def rescale_for_batch(choice, batch: int):
     old_global, new_global = choice.batch_size * choice.world_size, batch * choice.world_size
     # AdaScale gains compose: the gain from the old batch to the new one, with the same
     # noise scale, is the ratio of their gains from the reference batch.
-    lr_g = scale_lr(choice.lr_g, old_global, new_global, choice.lr_rule, choice.noise_scale)
-    lr_d = scale_lr(choice.lr_d, old_global, new_global, choice.lr_rule, choice.noise_scale)
+    old = choice.learning_rates
+    lr_g = scale_lr(old["lr_g"], old_global, new_global, choice.lr_rule, choice.noise_scale)
+    lr_d = scale_lr(old["lr_d"], old_global, new_global, choice.lr_rule, choice.noise_scale)
     message = (
         f"--batch {batch} instead of the tuned {choice.batch_size}: learning rates "
-        f"G {choice.lr_g:.3g} -> {lr_g:.3g}, D {choice.lr_d:.3g} -> {lr_d:.3g} "
+        f"G {old['lr_g']:.3g} -> {lr_g:.3g}, D {old['lr_d']:.3g} -> {lr_d:.3g} "
         f"(the tuned file's {choice.lr_rule} rule; --lr sets them yourself)"
     )
-    return replace(choice, batch_size=batch, lr_g=lr_g, lr_d=lr_d), message
+    return replace(choice, batch_size=batch, learning_rates={**old, "lr_g": lr_g, "lr_d": lr_d}), message
 
 
 def check_resume_with_tuned(resume: Path, saved: TrainConfig, tuned: TrainConfig) -> None:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing
 import operator
 import os
 import struct
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from arwgan.config import LoaderConfig
 from arwgan.errors import ConfigError, DataError
 from arwgan.synthetic import ensure_synthetic_dataset
+from autotune.workload import short_socket_tempdir
 
 #: File name endings read as images (compared in lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -382,30 +381,6 @@ def build_datasets(
     )
 
 
-#: Longest temporary folder under which multiprocessing's sockets still fit: a Linux
-#: AF_UNIX path holds 107 bytes, and the socket lies at ``<tmp>/pymp-XXXXXXXX/listener-XXXXXXXX``.
-_SOCKET_TMP_ROOM = 107 - len("/pymp-xxxxxxxx/listener-xxxxxxxx")
-
-
-def _short_socket_tempdir(worker_id: int) -> None:
-    """DataLoader worker start: keep multiprocessing's sockets under a short folder.
-
-    A worker hands each batch's shared memory to the main process through a Unix socket
-    that multiprocessing creates under the temporary folder. Under a long ``TMPDIR`` the
-    socket path does not fit, the worker's send fails in a background thread, and the
-    main process waits for that batch forever. The worker alone then uses a short
-    temporary folder; the main process and everything else keep the user's.
-    """
-    if len(tempfile.gettempdir()) <= _SOCKET_TMP_ROOM:
-        return
-    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
-            tempfile.tempdir = folder
-            # A temporary folder the parent had already made is inherited: drop it.
-            multiprocessing.current_process()._config.pop("tempdir", None)
-            return
-
-
 def make_loader(
     dataset: WatermarkDataset, loader_cfg: LoaderConfig, sampler: Sampler, drop_last: bool
 ) -> DataLoader:
@@ -426,5 +401,5 @@ def make_loader(
         prefetch_factor=loader_cfg.prefetch_factor if workers else None,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_short_socket_tempdir if workers else None,
+        worker_init_fn=short_socket_tempdir if workers else None,
     )

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from arwgan.errors import ConfigError
+from autotune.errors import ConfigError
 
 __all__ = [
     "LR_RULES",
@@ -231,7 +231,7 @@ class Verdict:
 
 def judge_recommendation(
     seed_images_per_s: float | None, candidate_images_per_s: float | None, objective: str,
-    efficiency: float = 1.0,
+    efficiency: float = 1.0, baseline: str = "seed default",
 ) -> Verdict:
     """The verdict on a tuning run from its end-to-end comparison.
 
@@ -242,32 +242,32 @@ def judge_recommendation(
     equal, or not measurable) the seed default is what to train with, and the message
     says so. For ``memory`` the candidate was chosen for its size, not its speed, so it is
     kept and a slowdown is stated plainly. A seed default that could not run at all leaves
-    the candidate.
+    the candidate. ``baseline`` names it in the messages (a workload's baseline label).
     """
     def usable(value: float | None) -> bool:
         return value is not None and math.isfinite(value) and value > 0
 
     if not usable(seed_images_per_s):
         return Verdict(True, None, "" if usable(candidate_images_per_s) else
-                       "neither the seed default nor the candidate could be timed end to end")
+                       f"neither the {baseline} nor the candidate could be timed end to end")
     if not usable(candidate_images_per_s):
         keep = objective == "memory"
         return Verdict(keep, None, "the candidate could not be timed end to end; "
-                       + ("kept for --objective memory" if keep else "the tuned file holds the seed default"))
+                       + ("kept for --objective memory" if keep else f"the tuned file holds the {baseline}"))
     speedup = candidate_images_per_s * efficiency / seed_images_per_s
     if speedup > 1.0:
         return Verdict(True, speedup, "")
     if efficiency != 1.0:
         measured = (
             f"the candidate trained at {candidate_images_per_s:,.1f} images/s x {efficiency:.2f} "
-            f"predicted efficiency, not more progress per second than the seed default's "
+            f"predicted efficiency, not more progress per second than the {baseline}'s "
             f"{seed_images_per_s:,.1f} images/s ({speedup:.2f}x)"
         )
     else:
         measured = (
             f"the candidate trained at {candidate_images_per_s:,.1f} images/s, not faster than the "
-            f"seed default's {seed_images_per_s:,.1f} ({speedup:.2f}x)"
+            f"{baseline}'s {seed_images_per_s:,.1f} ({speedup:.2f}x)"
         )
     if objective == "memory":
         return Verdict(True, speedup, f"{measured}; kept because --objective memory asks for the largest batch")
-    return Verdict(False, speedup, f"{measured}: the tuned file holds the seed default; train with it")
+    return Verdict(False, speedup, f"{measured}: the tuned file holds the {baseline}; train with it")

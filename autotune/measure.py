@@ -14,6 +14,8 @@ import itertools
 import time
 from collections.abc import Callable
 
+from autotune.workload import batch_length
+
 
 def queue_depth(loader) -> int:
     """Batches a DataLoader holds ready ahead of the consumer (workers x prefetch)."""
@@ -36,7 +38,7 @@ def loader_images_per_s(loader, batches: int, skip: int | None = None) -> float:
         images = 0
         start = time.perf_counter()
         for batch in itertools.islice(iterator, batches):
-            images += batch[0].shape[0]
+            images += batch_length(batch)
         elapsed = time.perf_counter() - start
     finally:
         del iterator  # shuts non-persistent workers down
@@ -44,9 +46,10 @@ def loader_images_per_s(loader, batches: int, skip: int | None = None) -> float:
 
 
 def training_images_per_s(
-    gan, loader, steps: int, warmup: int | None = None, sync: Callable[[], None] | None = None
+    step, loader, steps: int, warmup: int | None = None, sync: Callable[[], None] | None = None
 ) -> float:
-    """Images/s of the train step fed by ``loader``, device synchronised around the clock.
+    """Images/s of the train ``step`` (:class:`autotune.workload.TrainStep`) fed by
+    ``loader``, device synchronised around the clock.
 
     Warm-up (default: 2 steps plus the loader's queue depth) lets the step settle and
     drains the batches the workers prepared before the clock starts; otherwise a short
@@ -59,14 +62,13 @@ def training_images_per_s(
     iterator = iter(loader)
     try:
         for _ in range(warmup):
-            images, messages, *_ = next(iterator)
-            gan(*gan.to_device(images, messages))
+            step(step.to_device(next(iterator)))
         sync()
         images_seen = 0
         start = time.perf_counter()
-        for images, messages, *_ in itertools.islice(iterator, steps):
-            gan(*gan.to_device(images, messages))
-            images_seen += images.shape[0]
+        for batch in itertools.islice(iterator, steps):
+            step(step.to_device(batch))
+            images_seen += batch_length(batch)
         sync()
         elapsed = time.perf_counter() - start
     finally:

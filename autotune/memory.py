@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from arwgan.errors import ConfigError
+from autotune.errors import ConfigError
 
 __all__ = ["format_bytes", "parse_target_mem"]
 

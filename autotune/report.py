@@ -8,11 +8,21 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from arwgan.errors import UserError
+from autotune.errors import UserError
 from autotune.console import say, warn
 from autotune.memory import format_bytes
 from autotune.tuned import TunedChoice
-from autotune.tuner import REFERENCE_LR, SEED_LOADER, SEED_PRECISION, TuneResult
+from autotune.tuner import TuneResult
+from autotune.workload import Baseline
+
+
+def _baseline(result: TuneResult) -> Baseline:
+    """The baseline the run compared against, from the tuned file's workload record."""
+    record = result.tuned.workload.get("baseline") or {}
+    try:
+        return Baseline(**record)
+    except TypeError:
+        return Baseline()
 
 
 def _fmt_rate(value: float | None) -> str:
@@ -93,15 +103,20 @@ def noise_table(result: TuneResult) -> Table | None:
     table = Table(title=f"Gradient noise scale ({where})", title_justify="left")
     for column in ("network", "noise scale (images)", "± std. error", "steps"):
         table.add_column(column, justify="left" if column == "network" else "right")
-    for name in ("generator", "discriminator"):
-        est = noise[name]
+    groups = noise.get("groups") or [k for k in ("generator", "discriminator") if k in noise]
+    for name in groups:
+        est = noise.get(name)
+        if not isinstance(est, dict):
+            continue
         value, err = est.get("noise_scale"), est.get("noise_scale_stderr")
         table.add_row(name, "unmeasurable" if value is None else f"{value:,.1f}",
                       "-" if err is None else f"{err:,.1f}", f"{est.get('steps', 0):.0f}")
     decided = noise.get("decided_with")
-    table.caption = (f"decided with the generator's, one standard error low: {decided:,.1f} images "
+    first = noise.get("decided_by") or (groups[0] if groups else "first")
+    table.caption = (f"decided with the {first}'s, one standard error low: {decided:,.1f} images "
                      f"(micro-batches of {noise['micro_batch']} x {noise['micro_batches']}, raw gradients)"
-                     if decided is not None else "not usable: batch kept at the reference")
+                     if decided is not None else
+                     noise.get("unavailable") or "not usable: batch kept at the reference")
     return table
 
 
@@ -191,15 +206,18 @@ def recommendation_table(result: TuneResult) -> Table:
     fallback = verdict is not None and not verdict["keep_candidate"]
     c = TunedChoice(**m["candidate"]) if fallback else result.tuned.choice
     comp = m["comparison"]
+    base = _baseline(result)
+    seed_loader = base.loader()
+    label = base.label
     title = (
-        "Candidate: NOT faster than the seed default; the tuned file holds the seed default"
+        f"Candidate: NOT faster than the {label}; the tuned file holds the {label}"
         if fallback else "Recommendation"
     )
     table = Table(title=title, title_justify="left")
-    for column in ("setting", "seed default", "candidate" if fallback else "recommended", "measured effect"):
+    for column in ("setting", label, "candidate" if fallback else "recommended", "measured effect"):
         table.add_column(column)
     prec = {p.precision: p for p in result.precision}
-    seed_p, rec_p = prec.get(SEED_PRECISION), prec.get(c.precision)
+    seed_p, rec_p = prec.get(base.precision), prec.get(c.precision)
     prec_effect = (
         f"{rec_p.images_per_s / seed_p.images_per_s:.2f}x step speed at the reference batch"
         if seed_p and rec_p and seed_p.images_per_s and rec_p.images_per_s else "forced"
@@ -211,7 +229,7 @@ def recommendation_table(result: TuneResult) -> Table:
         if chosen and chosen.peak_bytes else ""
     )
     workers = {(w.workers, w.prefetch_factor): w.images_per_s for w in result.workers}
-    seed_w = workers.get((SEED_LOADER.num_workers, SEED_LOADER.prefetch_factor))
+    seed_w = workers.get((seed_loader.num_workers, seed_loader.prefetch_factor))
     rec_w = workers.get((c.num_workers, c.prefetch_factor))
     worker_effect = f"{_fmt_rate(rec_w)} vs {_fmt_rate(seed_w)} images/s at the chosen batch" if seed_w and rec_w else ""
     batch_text = str(c.batch_size)
@@ -220,14 +238,19 @@ def recommendation_table(result: TuneResult) -> Table:
         batch_text += f" per process x {c.world_size}"
         limited = f"rank {limiting} limited it" if limiting is not None else ""
         batch_effect = "; ".join(filter(None, [batch_effect, limited]))
-    table.add_row("batch", str(SEED_LOADER.batch_size), batch_text, batch_effect)
-    table.add_row("precision", SEED_PRECISION, c.precision, prec_effect)
-    table.add_row("workers", str(SEED_LOADER.num_workers), str(c.num_workers), worker_effect)
-    table.add_row("pin_memory", str(SEED_LOADER.pin_memory), str(c.pin_memory), "")
-    table.add_row("persistent_workers", str(SEED_LOADER.persistent_workers), str(c.persistent_workers), "")
-    table.add_row("prefetch_factor", str(SEED_LOADER.prefetch_factor), str(c.prefetch_factor or "-"), "")
+    table.add_row("batch", str(seed_loader.batch_size), batch_text, batch_effect)
+    table.add_row("precision", base.precision, c.precision, prec_effect)
+    table.add_row("workers", str(seed_loader.num_workers), str(c.num_workers), worker_effect)
+    table.add_row("pin_memory", str(seed_loader.pin_memory), str(c.pin_memory), "")
+    table.add_row("persistent_workers", str(seed_loader.persistent_workers), str(c.persistent_workers), "")
+    table.add_row("prefetch_factor", str(seed_loader.prefetch_factor), str(c.prefetch_factor or "-"), "")
     global_text = f" for global batch {c.batch_size * c.world_size}" if c.world_size > 1 else ""
-    table.add_row("lr G / D", f"{REFERENCE_LR:g}", f"{c.lr_g:.3g} / {c.lr_d:.3g}", f"{c.lr_rule} rule{global_text}, {c.warmup_steps} warm-up steps")
+    reference_lrs = result.tuned.workload.get("reference_lrs") or {}
+    names = list(c.learning_rates)
+    table.add_row("learning rate " + " / ".join(names),
+                  " / ".join(f"{reference_lrs[n]:g}" if n in reference_lrs else "-" for n in names),
+                  " / ".join(f"{c.learning_rates[n]:.3g}" for n in names),
+                  f"{c.lr_rule} rule{global_text}, {c.warmup_steps} warm-up steps")
     knobs = {k["knob"]: k for k in result.tuned.measurements.get("knobs", [])}
     if knobs:
         table.add_row("channels_last", "False", str(c.channels_last),
@@ -241,7 +264,7 @@ def recommendation_table(result: TuneResult) -> Table:
         from autotune.goodput import efficiency as predicted_efficiency
 
         reference = good["reference_batch"]
-        seed_eff = predicted_efficiency(SEED_LOADER.batch_size, reference, c.noise_scale)
+        seed_eff = predicted_efficiency(seed_loader.batch_size, reference, c.noise_scale)
         rec_eff = predicted_efficiency(c.batch_size * c.world_size, reference, c.noise_scale)
         efficiency = rec_eff / seed_eff
         table.add_row("predicted efficiency", f"{seed_eff:.2f}", f"{rec_eff:.2f}",
@@ -268,8 +291,8 @@ def recommendation_table(result: TuneResult) -> Table:
     if storage.get("limit"):
         table.caption = storage["limit"]
     if verdict is not None:
-        use = "seed default (in the tuned file)" if fallback else "recommended (in the tuned file)"
-        table.add_row("verdict", "", Text(use), Text(verdict["message"] or "faster than the seed default"))
+        use = f"{label} (in the tuned file)" if fallback else "recommended (in the tuned file)"
+        table.add_row("verdict", "", Text(use), Text(verdict["message"] or f"faster than the {label}"))
     return table
 
 
@@ -323,7 +346,7 @@ def plot_trials(result: TuneResult, path: str | Path) -> Path:
     ax_mem.set_ylabel("peak memory (GiB)")
     handles = ax_speed.get_legend_handles_labels()[0] + ax_mem.get_legend_handles_labels()[0]
     ax_speed.legend(handles=handles, loc="upper left", fontsize=8)
-    ax_speed.set_title("arwgan-autotune: batch search (red: failed trials)")
+    ax_speed.set_title(f"{result.tuned.workload.get('name', 'autotune')}: batch search (red: failed trials)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

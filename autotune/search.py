@@ -72,7 +72,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any, Callable, Iterable
 
-from arwgan.errors import ConfigError
+from autotune.errors import ConfigError
 
 from autotune.memory import format_bytes
 

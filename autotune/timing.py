@@ -233,10 +233,10 @@ def time_adaptively(
 
 
 def _require(condition: bool, message: str) -> None:
-    # ValueError, not arwgan's ConfigError (a ValueError too): autotune/ takes no new
-    # arwgan imports; the engine's own error class comes with the restructure.
     if not condition:
-        raise ValueError(message)
+        from autotune.errors import ConfigError
+
+        raise ConfigError(message)
 
 
 def _is_int(value: object) -> bool:

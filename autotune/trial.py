@@ -1,8 +1,9 @@
 """A trial: the only code in the tuner that runs the model.
 
-One trial builds the real ARWGAN train step (both networks, both Adam optimisers, the
-noise layers) at one batch size and precision, runs warm-up steps (the first allocates
-Adam's state and, on CUDA, lets cuDNN pick kernels) through every noise layer in turn,
+One trial builds the workload's real train step (:meth:`autotune.workload.Workload.build_step`:
+for ARWGAN both networks, both Adam optimisers, the noise layers) at one batch size and
+precision, runs warm-up steps (the first allocates the optimisers' state and, on CUDA,
+lets cuDNN pick kernels) through every variant of the step in turn (``take_turns``),
 then times whole cycles of them with the device synchronised around the clock until
 its images/s is known within a stated tolerance (:mod:`autotune.timing`: 95 %
 interval within 3 % by default, with a floor and a ceiling on samples and seconds),
@@ -40,15 +41,16 @@ from autotune.timing import TimingConfig, time_adaptively
 
 #: Exit code of a trial subprocess stopped by its memory watchdog.
 EXIT_OVER_MEMORY = 86
-_RESULT_PREFIX = "ARWGAN_TRIAL_RESULT "
+_RESULT_PREFIX = "AUTOTUNE_TRIAL_RESULT "
 
 
 @dataclass
 class TrialSpec:
     """Everything a trial needs; JSON-serialisable so it can cross a process boundary."""
 
-    model: dict
-    """ModelConfig.to_dict() of the model being tuned."""
+    workload: dict | None
+    """:meth:`autotune.workload.WorkloadRef.to_dict` of the workload, to rebuild it in a
+    child process; None: the workload object is passed to :func:`run_trial` directly."""
     precision: str
     device: str
     batch: int
@@ -102,68 +104,55 @@ class TrialMeasurement:
 
 
 
-def _noise_cycle(gan) -> int:
-    """Make the noise layers take turns (0, 1, 2, ... round-robin) instead of a random
-    draw, and return how many there are. A trial then warms up through every layer (their
-    first-use kernel loads land in the warm-up) and times whole cycles, so that every
-    batch size is timed on the same work. Training still draws at random."""
-    noiser = getattr(getattr(gan, "nets", None), "noiser", None)
-    layers = getattr(noiser, "layers", None)
-    if noiser is None or not layers:
-        return 1
-    turn = iter(range(10**9))
-
-    def forward(encoded, cover):
-        return layers[next(turn) % len(layers)](encoded, cover)
-
-    noiser.forward = forward
-    return len(layers)
+def _take_turns(step) -> int:
+    """Let a step whose work varies at random (ARWGAN's noise layers) take turns instead
+    (``take_turns``), and return the cycle length: a trial then warms up through every
+    variant (their first-use kernel loads land in the warm-up) and times whole cycles,
+    so that every batch size is timed on the same work. Training still draws at random."""
+    take_turns = getattr(step, "take_turns", None)
+    return max(1, int(take_turns())) if take_turns is not None else 1
 
 
-def _trial_body(spec: TrialSpec, device, cuda) -> TrialMeasurement:
+def _trial_body(spec: TrialSpec, device, cuda, workload) -> TrialMeasurement:
     """The trial itself. A function of its own so that, when it raises, every tensor it
-    made (nets, grads, both Adam states, inputs, results) dies with its frame before the
+    made (model, grads, optimiser state, inputs, results) dies with its frame before the
     caller empties the cache."""
     import torch
 
-    from arwgan.config import ModelConfig, OptimConfig
-    from arwgan.step import GANStep
+    from autotune.workload import losses_of
 
     started = time.perf_counter()
     if spec.threads is not None and device.type == "cpu":
         torch.set_num_threads(spec.threads)
-    model_cfg = ModelConfig.from_dict(spec.model)
     if cuda is not None:
         # Clear first, then reset: blocks cached by the previous trial would otherwise
         # count in this one's peak.
         cuda.empty_cache()
         cuda.synchronize(device.index or 0)
         cuda.reset_peak(device.index or 0)
-    gan = GANStep(model_cfg, OptimConfig(), spec.precision, device, spec.seed, spec.channels_last)
-    cycle = _noise_cycle(gan)
-    gen = torch.Generator().manual_seed(spec.seed)
-    size, bits = model_cfg.image_size, model_cfg.message_bits
-    images = torch.rand(spec.batch, 3, size, size, generator=gen) * 2 - 1
-    messages = torch.randint(0, 2, (spec.batch, bits), generator=gen).float()
-    images, messages = gan.to_device(images, messages)
+    lrs = dict(workload.reference_lrs)
+    step_fn = workload.build_step(spec.batch, spec.precision, device, lrs=lrs,
+                                  channels_last=spec.channels_last, seed=spec.seed)
+    cycle = _take_turns(step_fn)
+    batch = step_fn.to_device(workload.example_batch(spec.batch, spec.seed))
     timing_cfg = TimingConfig(**spec.timing) if spec.timing else TimingConfig()
-    # Warm up through every noise layer (their first-use kernel loads land there).
+    # Warm up through every variant of the step (their first-use kernel loads land there).
     timing_cfg = replace(timing_cfg, warmup_steps=max(timing_cfg.warmup_steps, cycle))
     finite = True
     result = None
 
     def step() -> None:
         nonlocal finite, result
-        result = gan(images, messages)
-        finite = finite and not result.skipped
+        result = step_fn(batch)
+        finite = finite and not getattr(result, "skipped", False)
 
     sync = (lambda: cuda.synchronize(device.index or 0)) if cuda is not None else None
     per_sample = _warm_up(step, cycle, timing_cfg, sync)
-    # Whole noise cycles per sample, so every batch size is timed on the same work.
+    # Whole cycles per sample, so every batch size is timed on the same work.
     timing = time_adaptively(step, spec.batch, replace(timing_cfg, warmup_steps=0), sync=sync,
                              steps_per_sample=per_sample)
-    losses = {k: float(v) for k, v in result.as_dict().items()} if result is not None else {}
-    finite = finite and all(math.isfinite(v) for v in losses.values())
+    losses, last_finite = losses_of(result)
+    finite = finite and last_finite
     if cuda is not None:
         peak = cuda.peak_reserved_bytes(device.index or 0) + spec.context_bytes
     else:
@@ -198,10 +187,11 @@ def _warm_up(step, cycle: int, cfg: TimingConfig, sync) -> int:
     return math.ceil(steps / cycle) * cycle
 
 
-def run_trial(spec: TrialSpec, cuda=None) -> TrialMeasurement:
+def run_trial(spec: TrialSpec, cuda=None, workload=None) -> TrialMeasurement:
     """Run one trial in this process. An OOM is an outcome, not an exception.
 
-    ``cuda``: the device seam (:class:`autotune.device.CudaDevice` by default on CUDA).
+    ``cuda``: the device seam (:class:`autotune.device.CudaDevice` by default on CUDA);
+    ``workload``: the workload object (None: rebuilt from ``spec.workload``).
     """
     import torch
 
@@ -211,9 +201,15 @@ def run_trial(spec: TrialSpec, cuda=None) -> TrialMeasurement:
     if device.type == "cuda" and cuda is None:
         cuda = CudaDevice()
     configure_cudnn(device.type)  # the trainer's settings, so the figures describe it
+    if workload is None:
+        from autotune.workload import WorkloadRef
+
+        if spec.workload is None:
+            raise ValueError("a trial needs a workload or a workload reference")
+        workload = WorkloadRef(**spec.workload).build()
     started = time.perf_counter()
     try:
-        return _trial_body(spec, device, cuda if device.type == "cuda" else None)
+        return _trial_body(spec, device, cuda if device.type == "cuda" else None, workload)
     except Exception as exc:  # noqa: BLE001 - classified right below
         if not is_oom(exc):
             raise
@@ -230,6 +226,18 @@ def run_trial(spec: TrialSpec, cuda=None) -> TrialMeasurement:
         detail=detail,
         seconds=time.perf_counter() - started,
     )
+
+
+def run_trial_in_process(spec: TrialSpec, workload) -> TrialMeasurement:
+    """A CPU trial in this process, for a workload that cannot be rebuilt in a child (no
+    reference). The resident-set high-water mark is reset first where Linux allows
+    (``/proc/self/clear_refs``), so the peak is this process's during the trial, not
+    since it started; it still includes whatever the process held before, and nothing
+    stops a batch past the target before it has run."""
+    from autotune.trial_server import _reset_peak
+
+    _reset_peak()
+    return run_trial(spec, None, workload)
 
 
 # -- subprocess isolation ------------------------------------------------------------------

@@ -150,7 +150,7 @@ class TrialServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env=dict(os.environ),
+            env=_child_env(),
         )
         reply = self._read(_START_TIMEOUT_S)
         if reply.get("ready") is not True:
@@ -409,6 +409,24 @@ def _child(request: dict, result_fd: int, base_rss: int | None) -> None:
         view = view[os.write(result_fd, view):]
     sys.stderr.flush()
     os._exit(code)
+
+
+def _child_env() -> dict[str, str]:
+    """The owner's environment, with its import path: whatever the owner can import
+    (a workload's module found through a path it added, the folder it was started
+    in) the server and its children can import too. Entries of the interpreter's own
+    installation are left to the interpreter."""
+    env = dict(os.environ)
+    own = (os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix))
+    extra = []
+    for entry in sys.path:
+        path = os.path.realpath(entry or os.getcwd())
+        if path.startswith(own) or not os.path.isdir(path) or path in extra:
+            continue
+        extra.append(path)
+    given = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*extra, *(p for p in given if os.path.realpath(p) not in extra)])
+    return env
 
 
 def _serve(preload: list[str]) -> None:

@@ -1,41 +1,46 @@
-"""The persisted tuned configuration (``tuned.json``): what ``arwgan-autotune`` chose and
-measured, and what ``arwgan-train --from-tuned`` applies.
+"""The persisted tuned configuration (``tuned.json``): what the tuner chose and measured
+for one workload, and what its training program applies (ARWGAN: ``arwgan-train
+--from-tuned``; any other: :meth:`TunedChoice.dataloader_kwargs` and friends).
 
 A tuned file is only as good as the machine and model it was measured on, so it
 carries both: the device fingerprint (:func:`autotune.probes.device_fingerprint`) and
-the model config with its fingerprint. Loading refuses a damaged or hand-broken file
-with a one-line :class:`CheckpointError`; :func:`check_tuned` warns when the machine
-changed and refuses (unless forced) when the model did, because a batch size found for
-64 px images can run out of memory at 128 px.
+the workload's fingerprint (its model config) with a hash of it. Loading refuses a
+damaged or hand-broken file with a one-line :class:`CheckpointError`; :func:`check_tuned`
+warns when the machine changed and refuses (unless forced) when the model did, because
+a batch size found for 64 px images can run out of memory at 128 px.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from arwgan.checkpoint import atomic_write_bytes
-from arwgan.config import PRECISIONS, ModelConfig, TrainConfig
-from arwgan.errors import CheckpointError, ConfigError
 from autotune.decisions import LR_RULES, scale_lr
+from autotune.errors import CheckpointError, ConfigError
+from autotune.outputs import atomic_write_bytes
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 __all__ = [
     "OBJECTIVES",
     "SCHEMA_VERSION",
     "TunedChoice",
     "TunedFile",
-    "apply_tuned",
     "check_tuned",
+    "fingerprint_of",
     "load_tuned",
     "rescale_for_world_size",
     "save_tuned",
 ]
 
 #: Bumped on any incompatible change of the file layout; older files are refused.
-SCHEMA_VERSION = 1
+#: 2: learning rates by name (``learning_rates``) and the ``workload`` record.
+SCHEMA_VERSION = 2
 
 OBJECTIVES = ("goodput", "throughput", "memory")
 
@@ -47,6 +52,12 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def fingerprint_of(config: Mapping[str, Any]) -> str:
+    """A short stable hash of a workload's fingerprint (JSON, keys sorted)."""
+    blob = json.dumps(config, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass
@@ -61,8 +72,9 @@ class TunedChoice:
     persistent_workers: bool
     prefetch_factor: int | None
     precision: str
-    lr_g: float
-    lr_d: float
+    learning_rates: dict[str, float]
+    """Each of the workload's learning rates (by its name, e.g. ARWGAN's ``lr_g`` and
+    ``lr_d``) for the global batch, by :attr:`lr_rule` from its reference."""
     warmup_steps: int
     lr_rule: str
     """How the learning rates were scaled with the global batch: linear | sqrt | none |
@@ -103,10 +115,11 @@ class TunedChoice:
             raise ConfigError(
                 f"prefetch_factor must be a positive integer or null, got {self.prefetch_factor!r}"
             )
-        for name in ("lr_g", "lr_d"):
-            value = getattr(self, name)
+        if not (isinstance(self.learning_rates, dict) and self.learning_rates):
+            raise ConfigError(f"learning_rates must be a non-empty object, got {self.learning_rates!r}")
+        for name, value in self.learning_rates.items():
             if not (_is_number(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+                raise ConfigError(f"learning rate {name} must be a finite number > 0, got {value!r}")
         if self.cudnn_benchmark is not None and not isinstance(self.cudnn_benchmark, bool):
             raise ConfigError(f"cudnn_benchmark must be true, false or null, got {self.cudnn_benchmark!r}")
         if not (self.cpu_threads is None or (_is_int(self.cpu_threads) and self.cpu_threads >= 1)):
@@ -121,6 +134,43 @@ class TunedChoice:
             if value not in allowed:
                 raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
 
+    # -- for the user's own training code -------------------------------------------------
+    def dataloader_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``torch.utils.data.DataLoader`` (add your dataset,
+        sampler and collate_fn)."""
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                                  "pin_memory": self.pin_memory}
+        if self.num_workers:
+            kwargs.update(persistent_workers=self.persistent_workers,
+                          prefetch_factor=self.prefetch_factor)
+        return kwargs
+
+    def autocast(self, device_type: str):
+        """The autocast context of :attr:`precision` (a no-op for fp32); fp16 also needs
+        a ``torch.amp.GradScaler`` (:attr:`needs_grad_scaler`)."""
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device_type, dtype=dtype)
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.precision == "fp16"
+
+    def lr_at(self, step: int, name: str | None = None) -> float:
+        """Learning rate ``name`` (the only one by default) at optimiser step ``step``,
+        with the linear warm-up of :attr:`warmup_steps`."""
+        if name is None:
+            if len(self.learning_rates) != 1:
+                raise ConfigError(f"name one of the learning rates {', '.join(self.learning_rates)}")
+            name = next(iter(self.learning_rates))
+        factor = 1.0 if self.warmup_steps <= 0 else min(1.0, (step + 1) / self.warmup_steps)
+        return self.learning_rates[name] * factor
+
 
 @dataclass
 class TunedFile:
@@ -131,12 +181,20 @@ class TunedFile:
     device: dict[str, Any]
     """The machine's fingerprint (:func:`autotune.probes.device_fingerprint`)."""
     model: dict[str, Any]
-    """``ModelConfig.to_dict()`` of the model that was measured."""
+    """The workload's :meth:`~autotune.workload.Workload.fingerprint` (its model config)."""
     model_fingerprint: str
+    """:func:`fingerprint_of` ``model``."""
     choice: TunedChoice
     measurements: dict[str, Any]
     """Free-form record: trials, worker and precision benchmarks, images/s, target bytes."""
     tool_version: str
+    workload: dict[str, Any] = field(default_factory=dict)
+    """name, ref (how to rebuild it), reference_batch, reference_lrs, baseline, and the
+    tuner command to re-run."""
+
+    @property
+    def tuner(self) -> str:
+        return str(self.workload.get("tuner") or "the tuner")
 
 
 def _finite_or_null(value: Any) -> Any:
@@ -171,17 +229,22 @@ _REQUIRED_TYPES: dict[str, type] = {
     "choice": dict,
     "measurements": dict,
     "tool_version": str,
+    "workload": dict,
 }
 _JSON_TYPE_NAMES = {int: "integer", str: "string", dict: "object"}
 
 
-def load_tuned(path: str | Path) -> TunedFile:
+def load_tuned(path: str | Path, check_model=None) -> TunedFile:
     """Read and validate a tuned file. Every problem with the file is a one-line
-    :class:`CheckpointError` naming it, never a traceback: the file is the user's."""
+    :class:`CheckpointError` naming it, never a traceback: the file is the user's.
+
+    ``check_model``: the workload's own check of the recorded model config (raises
+    ``ValueError``/``TypeError``, reported as "model config is invalid"), run before the
+    fingerprint is compared."""
     where = f"tuned file '{path}'"
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{where} does not exist; run arwgan-autotune first")
+        raise CheckpointError(f"{where} does not exist; run the tuner first")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -194,12 +257,12 @@ def load_tuned(path: str | Path) -> TunedFile:
         raise CheckpointError(f"{where} does not hold a JSON object")
 
     if "schema_version" not in data:
-        raise CheckpointError(f"{where} is not a tuned file (it has no schema_version); run arwgan-autotune")
+        raise CheckpointError(f"{where} is not a tuned file (it has no schema_version); run the tuner")
     version = data.get("schema_version")
     if not _is_int(version) or version != SCHEMA_VERSION:
         raise CheckpointError(
             f"{where} has schema version {version!r}, this tool reads version "
-            f"{SCHEMA_VERSION}; re-run arwgan-autotune"
+            f"{SCHEMA_VERSION}; re-run the tuner that wrote it"
         )
     missing = [key for key in _REQUIRED_TYPES if key not in data]
     if missing:
@@ -215,14 +278,16 @@ def load_tuned(path: str | Path) -> TunedFile:
             )
 
     choice = _load_choice(data["choice"], where)
-    try:
-        model_cfg = ModelConfig.from_dict(data["model"])
-    except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
-        raise CheckpointError(f"{where}: model config is invalid: {exc}") from None
-    if model_cfg.fingerprint() != data["model_fingerprint"]:
+    tuner = data["workload"].get("tuner") if isinstance(data["workload"].get("tuner"), str) else "the tuner"
+    if check_model is not None:
+        try:
+            check_model(data["model"])
+        except (ValueError, TypeError) as exc:  # ConfigError is a ValueError
+            raise CheckpointError(f"{where}: model config is invalid: {exc}") from None
+    if fingerprint_of(data["model"]) != data["model_fingerprint"]:
         raise CheckpointError(
             f"{where}: model config does not match its fingerprint (edited by hand?); "
-            "re-run arwgan-autotune"
+            f"re-run {tuner}"
         )
     return TunedFile(
         schema_version=version,
@@ -233,6 +298,7 @@ def load_tuned(path: str | Path) -> TunedFile:
         choice=choice,
         measurements=data["measurements"],
         tool_version=data["tool_version"],
+        workload=data["workload"],
     )
 
 
@@ -317,7 +383,7 @@ def _model_differences(tuned: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def check_tuned(
     tuned: TunedFile,
-    model_cfg: ModelConfig,
+    model: Mapping[str, Any],
     device_fp: dict[str, Any],
     force: bool,
     *,
@@ -336,18 +402,19 @@ def check_tuned(
         warnings.append(
             f"tuned on {_describe_device(tuned.device)}, running on "
             f"{_describe_device(device_fp)} ({', '.join(device_diffs)}): "
-            "measurements may not hold; re-run arwgan-autotune"
+            f"measurements may not hold; re-run {tuned.tuner}"
         )
-    if model_cfg.fingerprint() != tuned.model_fingerprint:
-        model_diffs = _model_differences(tuned.model, model_cfg.to_dict()) or [
-            f"fingerprint {tuned.model_fingerprint} -> {model_cfg.fingerprint()}"
+    current = fingerprint_of(model)
+    if current != tuned.model_fingerprint:
+        model_diffs = _model_differences(tuned.model, dict(model)) or [
+            f"fingerprint {tuned.model_fingerprint} -> {current}"
         ]
         where = f"tuned file '{path}'" if path is not None else "the tuned configuration"
         message = (
             f"{where} was made for another model config ({', '.join(model_diffs)}); "
         )
         if not force:
-            raise CheckpointError(message + "re-run arwgan-autotune or pass --force")
+            raise CheckpointError(message + f"re-run {tuned.tuner} or pass --force")
         warnings.append(message + "using it anyway (--force)")
     return warnings
 
@@ -355,42 +422,10 @@ def check_tuned(
 # ------------------------------------------------------------------------ applying
 
 
-def apply_tuned(tuned: TunedFile, base: TrainConfig) -> TrainConfig:
-    """``base`` with the tuned loader, precision, learning rates, memory format, knobs
-    (threads, compile, cudnn.benchmark), model and (CUDA) the allocator cap that holds training under the tuned memory target.
-
-    The model comes from the file because the measurements are only valid for it;
-    explicit command-line flags are applied by the caller afterwards, and
-    :func:`check_tuned` is what says whether they invalidate the file.
-    """
-    choice = tuned.choice
-    return replace(
-        base,
-        model=ModelConfig.from_dict(tuned.model),
-        loader=replace(
-            base.loader,
-            batch_size=choice.batch_size,
-            num_workers=choice.num_workers,
-            pin_memory=choice.pin_memory,
-            persistent_workers=choice.persistent_workers,
-            prefetch_factor=choice.prefetch_factor,
-        ),
-        optim=replace(
-            base.optim, lr_g=choice.lr_g, lr_d=choice.lr_d, warmup_steps=choice.warmup_steps
-        ),
-        precision=choice.precision,
-        channels_last=choice.channels_last,
-        cpu_threads=choice.cpu_threads,
-        compile=choice.compile,
-        cudnn_benchmark=choice.cudnn_benchmark,
-        lr_noise_scale=choice.noise_scale,
-        allocator_limit_bytes=_allocator_limit(tuned),
-    )
-
-
-def _allocator_limit(tuned: TunedFile) -> int | None:
+def allocator_limit(tuned: TunedFile) -> int | None:
     """The allocator's share of the tuned memory target (the target less the context the
-    tuner measured), for a CUDA file; None for a CPU one or a file without the figures."""
+    tuner measured), for a CUDA file; None for a CPU one or a file without the figures.
+    Training code caps ``torch.cuda.set_per_process_memory_fraction`` with it."""
     if tuned.device.get("device_type") != "cuda":
         return None
     target = tuned.measurements.get("target_bytes")
@@ -401,14 +436,16 @@ def _allocator_limit(tuned: TunedFile) -> int | None:
 
 
 def rescale_for_world_size(
-    choice: TunedChoice, new_world_size: int, base_lr: float = 1e-3, base_batch: int = 16
+    choice: TunedChoice, new_world_size: int, reference_lrs: Mapping[str, float],
+    reference_batch: int,
 ) -> tuple[TunedChoice, str | None]:
     """Adapt ``choice`` to ``new_world_size`` processes, each keeping ``batch_size``.
 
     The global batch grows with the world size, so the learning rates are recomputed from
-    the reference (``base_lr`` at ``base_batch``) with the choice's own rule; with rule
-    'none' they stay as tuned. Returns the new choice and a message for the user, or the
-    choice unchanged and None when the world size is the one it was tuned for.
+    the reference (``reference_lrs`` at ``reference_batch``, the tuned file's workload
+    record) with the choice's own rule; with rule 'none' they stay as tuned. Returns the
+    new choice and a message for the user, or the choice unchanged and None when the
+    world size is the one it was tuned for.
     """
     if not (_is_int(new_world_size) and new_world_size >= 1):
         raise ConfigError(f"world size must be a positive integer, got {new_world_size!r}")
@@ -418,13 +455,18 @@ def rescale_for_world_size(
     new_global = choice.batch_size * new_world_size
     if choice.lr_rule == "none":
         rescaled = replace(choice, world_size=new_world_size)
-        lr_text = f"learning rates kept (lr_g {choice.lr_g:.3g}, lr_d {choice.lr_d:.3g}; rule none)"
+        kept = ", ".join(f"{name} {lr:.3g}" for name, lr in choice.learning_rates.items())
+        lr_text = f"learning rates kept ({kept}; rule none)"
     else:
-        lr = scale_lr(base_lr, base_batch, new_global, choice.lr_rule, choice.noise_scale)
-        rescaled = replace(choice, world_size=new_world_size, lr_g=lr, lr_d=lr)
+        lrs = {name: scale_lr(reference_lrs.get(name, lr), reference_batch, new_global,
+                              choice.lr_rule, choice.noise_scale)
+               for name, lr in choice.learning_rates.items()}
+        rescaled = replace(choice, world_size=new_world_size, learning_rates=lrs)
+        changes = ", ".join(f"{name} {choice.learning_rates[name]:.3g} -> {lr:.3g}"
+                            for name, lr in lrs.items())
+        bases = sorted({f"{reference_lrs.get(name, 0):g}" for name in lrs})
         lr_text = (
-            f"lr_g {choice.lr_g:.3g} -> {lr:.3g}, lr_d {choice.lr_d:.3g} -> {lr:.3g} "
-            f"({choice.lr_rule} rule from {base_lr:g} at batch {base_batch})"
+            f"{changes} ({choice.lr_rule} rule from {' / '.join(bases)} at batch {reference_batch})"
         )
     message = (
         f"tuned for world size {choice.world_size}, running with {new_world_size}: "

@@ -1,13 +1,15 @@
 """The tuner: probe, measure, decide, and write tuned.json.
 
-Each phase measures with the real ARWGAN train step and data, then hands the numbers
-to a pure decision function (``autotune.search``, ``autotune.decisions``):
+Each phase measures with the workload's real train step and data
+(:class:`autotune.workload.Workload`: ARWGAN is one), then hands the numbers to a pure
+decision function (``autotune.search``, ``autotune.decisions``, ``autotune.goodput``):
 
 1. probe the machine (NVML, torch.cuda, host) and parse the memory target;
 2. precision: fp32 / bf16 / fp16 trials at the reference batch -> ``choose_precision``;
-2b. noise scale (objective goodput): the generator's and the discriminator's gradient
-   noise scale at the reference batch on the real data (from a checkpoint's weights
-   with ``from_checkpoint``) -> the goodput score of the search;
+2b. noise scale (objective goodput): the gradient noise scale of each of the workload's
+   noise groups (ARWGAN: generator and discriminator) at the reference batch on the
+   real data (from a checkpoint's weights with ``from_checkpoint``); the first group's
+   -> the goodput score of the search;
 3. batch: double-then-bisect trials in that precision -> ``search_batch``, stopping
    past the peak of the objective's score (unless ``find_edge``); goodput re-chooses
    among the trials with ``choose_batch_by_goodput``;
@@ -15,16 +17,18 @@ to a pure decision function (``autotune.search``, ``autotune.decisions``):
    ``choose_workers`` / ``choose_threads_workers``;
 4b. knobs: channels_last, cudnn.benchmark (CUDA), torch.compile (``try_compile``),
    each measured and chosen by :mod:`autotune.knobs`;
-5. learning rates: ``scale_lr`` for G and D from 1e-3 at batch 16 (rule ``adascale``
-   from the measured noise scale under goodput);
-6. the seed default (batch 16, 4 workers, fp32, no pinning) and the recommendation,
-   trained end to end on the same data, alternated, in this run.
+5. learning rates: ``scale_lr`` for each of the workload's reference rates from its
+   reference batch (rule ``adascale`` from the measured noise scale under goodput);
+6. the workload's baseline (ARWGAN's seed default: batch 16, 4 workers, fp32, no
+   pinning) and the recommendation, trained end to end on the same data, alternated.
 
 CPU trials (and CUDA ones with ``isolate``) run in forks of one pre-imported trial
-server per tuning run (:mod:`autotune.trial_server`); every trial is timed adaptively
-(:mod:`autotune.timing`) and carries its 95 % interval.
+server per tuning run (:mod:`autotune.trial_server`), which rebuilds the workload from
+its reference (``package.module:factory``); a workload without one runs its trials in
+this process, with a warning. Every trial is timed adaptively (:mod:`autotune.timing`)
+and carries its 95 % interval.
 
-Under ``torchrun`` (a :class:`arwgan.distributed.DistContext` in a process group)
+Under ``torchrun`` (a :class:`autotune.distributed.DistContext` in a process group)
 every rank measures its own device, and the ranks agree, since one DDP job trains with
 one configuration:
 
@@ -57,11 +61,10 @@ from datetime import datetime, timezone
 
 import torch
 
-from arwgan.config import PRECISIONS, LoaderConfig, ModelConfig, OptimConfig, TrainConfig
-from arwgan.data import EpochSampler, build_datasets, make_loader
-from arwgan.distributed import DistContext, local_main_first, single_process
-from arwgan.errors import ConfigError
-from arwgan.step import GANStep, check_precision, resolve_device
+from autotune.distributed import DistContext, local_main_first, single_process
+from autotune.errors import ConfigError
+from autotune.runtime import PRECISIONS, check_precision, resolve_device
+from autotune.workload import LoaderSettings, Workload
 from autotune.decisions import (
     LR_RULES,
     PrecisionMeasurement,
@@ -78,7 +81,7 @@ from autotune.measure import loader_images_per_s, training_images_per_s
 from autotune.memory import format_bytes, parse_target_mem
 from autotune.oom import is_oom
 from autotune.probes import Probes, device_fingerprint, real_probes, select_gpu, torch_info
-from autotune.gns import NoiseScale, NoiseScaleEstimate
+from autotune.gns import NoiseScale
 from autotune.goodput import (
     ADAM_LR_POWER,
     BatchCandidate,
@@ -102,18 +105,16 @@ from autotune.knobs import (
 )
 from autotune.search import Score, SearchConfig, SearchError, SearchResult, search_batch
 from autotune.timing import TimingConfig
-from autotune.trial import TrialMeasurement, TrialSpec, run_trial, run_trial_subprocess
+from autotune.trial import (
+    TrialMeasurement, TrialSpec, run_trial, run_trial_in_process, run_trial_subprocess,
+)
 from autotune.trial_server import TrialServer, run_trial_preimported
-from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
+from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile, fingerprint_of
 
-REFERENCE_BATCH = 16
-REFERENCE_LR = 1e-3
-#: The seed report's starting point: every speed claim is measured against it.
-SEED_LOADER = LoaderConfig(batch_size=16, num_workers=4, pin_memory=False, persistent_workers=False)
-SEED_PRECISION = "fp32"
 OBJECTIVES = ("goodput", "throughput", "memory")
-#: What a CPU trial server imports once, so that each trial's fork starts with it.
-TRIAL_PRELOAD = ("torch", "autotune.trial", "arwgan.step")
+#: What a CPU trial server imports once, so that each trial's fork starts with it (and
+#: the workload factory's module).
+TRIAL_PRELOAD = ("torch", "autotune.trial", "autotune.workload")
 #: The noise phase: micro-batches of the reference batch, this many per measurement
 #: (BatchNorm sees the reference batch; their mean is a batch of 64).
 NOISE_MICRO_BATCHES = 4
@@ -123,10 +124,8 @@ GOODPUT_TOLERANCE = 0.03
 
 @dataclass
 class TuneConfig:
-    """What to tune and how hard to try."""
+    """How to tune (any workload) and how hard to try."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data_dir: str | None = None
     device: str = "auto"
     target_mem: str | None = None
     """'20GB', '20GiB', '80%'...; None: 90 % of the GPU, half the available RAM on CPU."""
@@ -152,7 +151,7 @@ class TuneConfig:
     find_edge: bool = False
     """Search the memory edge even after the score has peaked (objective memory always does)."""
     noise_steps: int = 16
-    """Goodput: noise-scale measurements (each on a fresh batch of 64 = 4 x 16)."""
+    """Goodput: noise-scale measurements (each on a fresh batch of 4 x the reference batch)."""
     from_checkpoint: str | None = None
     """Goodput: measure the noise scale on this checkpoint's weights (a partly trained
     model) instead of a fresh one."""
@@ -172,6 +171,8 @@ class TuneConfig:
     max_workers: int | None = None
     seed: int = 0
     channels_last: bool = False
+    tuner_command: str = "python -m autotune"
+    """The command users re-run when the tuned file no longer fits (named in messages)."""
 
     def __post_init__(self) -> None:
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -215,6 +216,25 @@ class TuneResult:
     workers: list[WorkerMeasurement]
     target_bytes: int
     warnings: list[str]
+
+    @property
+    def choice(self) -> TunedChoice:
+        """What to train with: :meth:`TunedChoice.dataloader_kwargs`, ``precision``,
+        ``learning_rates``, ``warmup_steps``, ``channels_last``, ``cpu_threads``..."""
+        return self.tuned.choice
+
+    def print_report(self, console=None) -> None:
+        """The tables ``python -m autotune`` prints (machine excluded)."""
+        from autotune.console import console as default_console
+        from autotune.report import print_report
+
+        print_report(console or default_console, self)
+
+    def save(self, path) -> None:
+        """Write the tuned file (atomically), as the command's ``--out`` does."""
+        from autotune.tuned import save_tuned
+
+        save_tuned(path, self.tuned)
 
 
 Report = Callable[[str], None]
@@ -269,9 +289,9 @@ def tuner_timeout_s(cfg: TuneConfig) -> float:
     return float(cfg.max_trials * (3 * cfg.trial_budget_s + 60) + 1800)
 
 
-def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
+def worker_candidates(usable_cores: int, cap: int | None = None, baseline_workers: int = 4) -> list[int]:
     """0, 1, 2, 4, ... up to the usable cores, plus one oversubscribed count (2x cores, at
-    least the seed's 4), because whether oversubscription pays is measured, not assumed."""
+    least the baseline's), because whether oversubscription pays is measured, not assumed."""
     top = usable_cores if cap is None else min(cap, usable_cores)
     counts = [0]
     n = 1
@@ -280,7 +300,7 @@ def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
         n *= 2
     if top not in counts:
         counts.append(top)
-    over = max(2 * usable_cores, SEED_LOADER.num_workers)
+    over = max(2 * usable_cores, baseline_workers)
     if cap is None or over <= cap:
         counts.append(over)
     return sorted(set(counts))
@@ -289,14 +309,22 @@ def worker_candidates(usable_cores: int, cap: int | None = None) -> list[int]:
 class Tuner:
     def __init__(
         self,
-        cfg: TuneConfig,
+        workload: Workload,
+        cfg: TuneConfig | None = None,
         probes: Probes | None = None,
         report: Report | None = None,
         dist: DistContext | None = None,
     ):
-        """``dist``: this process's place in a torchrun job (its device is ``cfg.device``);
-        None tunes this process alone."""
+        """Tune ``workload`` as ``cfg`` says. ``dist``: this process's place in a torchrun
+        job (its device is ``cfg.device``); None tunes this process alone."""
+        if not isinstance(workload, Workload):
+            raise ConfigError(f"tune() needs an autotune.Workload, got {type(workload).__name__}")
+        self.workload = workload
+        self.ref = workload.reference()
+        cfg = cfg if cfg is not None else TuneConfig()
         self.cfg = cfg
+        self.reference_batch = workload.reference_batch
+        self.baseline = workload.baseline
         self.probes = probes or real_probes()
         self.report = report or (lambda message: None)
         self.cuda = self.probes.cuda
@@ -320,6 +348,18 @@ class Tuner:
         """The generator's noise scale the goodput choice is decided with; None when
         unusable (the reference batch is then kept)."""
         self.goodput: GoodputChoice | None = None
+        if self.ref is None and (self.device.type == "cpu" or cfg.isolate):
+            if cfg.isolate:
+                raise ConfigError(
+                    f"--isolate runs each trial in a child process, which must rebuild workload "
+                    f"{workload.name}: give it a reference (package.module:factory)"
+                )
+            self.warnings.append(
+                f"workload {workload.name} has no reference (package.module:factory), so its CPU "
+                "trials ran in this process: each trial's peak is this process's peak during it "
+                "(including what earlier trials left allocated), and a batch past the target is "
+                "seen only after it ran; build it with autotune.load_workload to isolate trials"
+            )
 
     def _resolve(self, name: str) -> torch.device:
         """``resolve_device``, except that an explicit cuda device is checked against the
@@ -411,15 +451,16 @@ class Tuner:
 
     # -- trials ---------------------------------------------------------------------------------
     def _spec(self, batch: int, precision: str) -> TrialSpec:
+        isolated = self._isolated()
         return TrialSpec(
-            model=self.cfg.model.to_dict(),
+            workload=self.ref.to_dict() if isolated else None,
             precision=precision,
             device=str(self.device),
             batch=batch,
             timing=self.cfg.timing.to_dict(),
             channels_last=self.cfg.channels_last,
             seed=self.cfg.seed,
-            memory_limit_bytes=self.target if self.device.type == "cpu" else None,
+            memory_limit_bytes=self.target if self.device.type == "cpu" and isolated else None,
             context_bytes=self.context_bytes,
             memory_fraction=self._fraction() if self.device.type == "cuda" else None,
         )
@@ -446,17 +487,26 @@ class Tuner:
         trial server (CPU, CUDA with --isolate). Where forking is unavailable, a fresh
         interpreter per trial, as before the server existed."""
         timeout = 3 * self.cfg.trial_budget_s + 60
-        if self.device.type == "cpu" or self.cfg.isolate:
+        if self._isolated():
             server = self._server()
             if server is None:
                 return run_trial_subprocess(spec, timeout_s=timeout)
             return run_trial_preimported(spec, timeout_s=timeout, server=server)
-        return run_trial(spec, self.cuda)
+        if self.device.type == "cpu":
+            return run_trial_in_process(spec, self.workload)
+        return run_trial(spec, self.cuda, self.workload)
+
+    def _isolated(self) -> bool:
+        """Trials in a child process: CPU (its own peak) and CUDA with ``isolate``, when
+        the workload can be rebuilt there."""
+        return (self.device.type == "cpu" or self.cfg.isolate) and self.ref is not None
 
     def _server(self) -> TrialServer | None:
         """This run's trial server, started at the first trial (closed by :meth:`close`)."""
         if self.trial_server is None and hasattr(__import__("os"), "fork"):
-            self.trial_server = TrialServer(preload=TRIAL_PRELOAD).start()
+            module = self.ref.factory.partition(":")[0] if self.ref is not None else None
+            preload = TRIAL_PRELOAD + ((module,) if module else ()) + tuple(self.workload.preload)
+            self.trial_server = TrialServer(preload=preload).start()
         return self.trial_server
 
     # -- phase 2: precision ----------------------------------------------------------------------
@@ -477,7 +527,7 @@ class Tuner:
         return ["fp32", "bf16"]  # CPU autocast in bf16 is real on CPUs with AVX512-BF16/AMX
 
     def measure_precisions(self) -> list[PrecisionMeasurement]:
-        batch = max(self.cfg.start_batch, min(REFERENCE_BATCH, self.cfg.max_batch))
+        batch = max(self.cfg.start_batch, min(self.reference_batch, self.cfg.max_batch))
         results = []
         for precision in self.precision_candidates():
             with self._memory_capped():
@@ -526,7 +576,7 @@ class Tuner:
         def value(outcome) -> float | None:
             if outcome.images_per_s is None:
                 return None
-            return outcome.images_per_s * efficiency(outcome.batch, REFERENCE_BATCH, noise)
+            return outcome.images_per_s * efficiency(outcome.batch, self.reference_batch, noise)
 
         return Score("goodput", value)
 
@@ -539,56 +589,73 @@ class Tuner:
         if self.noise_scale is None:
             # Efficiency unknown: every row at efficiency 1 for the table, the choice kept
             # at the reference batch (or the largest tried below it).
-            shown = choose_batch_by_goodput(candidates, math.inf, REFERENCE_BATCH, ADAM_LR_POWER)
-            near = [r for r in shown.rows if r.batch <= REFERENCE_BATCH] or [shown.rows[0]]
+            shown = choose_batch_by_goodput(candidates, math.inf, self.reference_batch, ADAM_LR_POWER)
+            near = [r for r in shown.rows if r.batch <= self.reference_batch] or [shown.rows[0]]
             return replace(shown, chosen=max(near, key=lambda r: r.batch))
-        return choose_batch_by_goodput(candidates, self.noise_scale, REFERENCE_BATCH,
+        return choose_batch_by_goodput(candidates, self.noise_scale, self.reference_batch,
                                        ADAM_LR_POWER, GOODPUT_TOLERANCE)
 
     # -- phase 2b: gradient noise scale --------------------------------------------------------
     def measure_noise(self, precision: str) -> dict:
-        """The generator's and the discriminator's gradient noise scale at the reference
-        batch, on the real data (docs/goodput.md): ``noise_steps`` times, one training
-        step at the reference batch (from scratch only, so the measurement spans the
-        first steps rather than one point) and a measurement on a fresh batch of
-        4 x 16. With ``from_checkpoint`` the weights come from that checkpoint first."""
+        """The gradient noise scale of each of the workload's noise groups (ARWGAN:
+        generator and discriminator) at the reference batch, on the real data
+        (docs/goodput.md): ``noise_steps`` times, one training step at the reference
+        batch (from scratch only, so the measurement spans the first steps rather than
+        one point) and a measurement on a fresh batch of 4 x the reference batch. With
+        ``from_checkpoint`` the weights come from that checkpoint first. The first
+        group decides; a step without ``measure_gradient_noise`` keeps the reference
+        batch, with a warning."""
         cfg = self.cfg
-        gan = self._gan(precision, REFERENCE_BATCH)
+        groups = tuple(self.workload.noise_groups) or ("model",)
+        micro = self.reference_batch
+        step_fn = self._step(precision, micro)
+        if not hasattr(step_fn, "measure_gradient_noise"):
+            del step_fn
+            self._release()
+            self.noise_scale = None
+            self.warnings.append(
+                f"workload {self.workload.name}'s train step cannot measure the gradient noise "
+                f"scale (no measure_gradient_noise): batch kept at the reference "
+                f"{self.reference_batch}; use --objective throughput"
+            )
+            self.noise = {"groups": list(groups), "decided_by": groups[0], "decided_with": None,
+                          "unavailable": "the train step has no measure_gradient_noise"}
+            return self.noise
         step = 0
         if cfg.from_checkpoint is not None:
-            step = self._load_checkpoint(gan, cfg.from_checkpoint)
-        micro = REFERENCE_BATCH
+            step = self.workload.load_checkpoint(step_fn, cfg.from_checkpoint)
         batch = micro * NOISE_MICRO_BATCHES
-        train_loader = self._loader(LoaderConfig(REFERENCE_BATCH, 0, False, False, None), cfg.noise_steps + 4)
-        noise_loader = self._loader(LoaderConfig(batch, 0, False, False, None), cfg.noise_steps + 4)
-        noise_g, noise_d = NoiseScale(), NoiseScale()
+        train_loader = self._loader(LoaderSettings(micro), cfg.noise_steps + 4)
+        noise_loader = self._loader(LoaderSettings(batch), cfg.noise_steps + 4)
+        estimators = {name: NoiseScale() for name in groups}
         started = time.perf_counter()
         with self._memory_capped():
             for i, (train_batch, noise_batch) in enumerate(zip(train_loader, noise_loader)):
                 if i >= cfg.noise_steps:
                     break
-                (images, messages, *_), (big, big_messages, *_) = train_batch, noise_batch
                 self.report(f"noise scale: measurement {i + 1} of {cfg.noise_steps}")
                 if cfg.from_checkpoint is None:
-                    gan(*gan.to_device(images, messages))
-                gan.measure_gradient_noise(*gan.to_device(big, big_messages), NOISE_MICRO_BATCHES,
-                                           noise_g, noise_d)
-        est_g, est_d = noise_g.estimate(), noise_d.estimate()
+                    step_fn(step_fn.to_device(train_batch))
+                step_fn.measure_gradient_noise(step_fn.to_device(noise_batch), NOISE_MICRO_BATCHES,
+                                               estimators)
+        estimates = {name: est.estimate() for name, est in estimators.items()}
         if self.dist.distributed:  # one job, one batch: rank 0's measurement decides
-            est_g, est_d = self.dist.broadcast_object((est_g, est_d))
+            estimates = self.dist.broadcast_object(estimates)
+        first = estimates[groups[0]]
         try:
-            self.noise_scale = conservative_noise_scale(est_g.noise_scale, est_g.noise_scale_stderr)
+            self.noise_scale = conservative_noise_scale(first.noise_scale, first.noise_scale_stderr)
         except ValueError as exc:
             self.noise_scale = None
             self.warnings.append(
                 f"gradient noise scale not usable ({exc}): batch kept at the reference "
-                f"{REFERENCE_BATCH}; raise --noise-steps or use --objective throughput"
+                f"{self.reference_batch}; raise --noise-steps or use --objective throughput"
             )
-        del gan
+        del step_fn
         self._release()
         self.noise = {
-            "generator": est_g.to_dict(),
-            "discriminator": est_d.to_dict(),
+            **{name: est.to_dict() for name, est in estimates.items()},
+            "groups": list(groups),
+            "decided_by": groups[0],
             "decided_with": self.noise_scale,
             "space": "raw",
             "micro_batch": micro,
@@ -599,16 +666,6 @@ class Tuner:
             "seconds": time.perf_counter() - started,
         }
         return self.noise
-
-    def _load_checkpoint(self, gan: GANStep, path: str) -> int:
-        """Load a training checkpoint's weights into ``gan`` (its model must be the one
-        tuned); returns the training step it was saved at."""
-        from arwgan.checkpoint import load_checkpoint, require_same_model
-
-        state = load_checkpoint(path)
-        require_same_model(path, state, self.cfg.model, "; tune with its model flags")
-        gan.load_state_dict(state["gan"])
-        return int(gan.step_count)
 
     def _fraction(self) -> float:
         """The allocator's cap: the target less what the process holds outside it."""
@@ -646,26 +703,22 @@ class Tuner:
         return outcome
 
     # -- phase 4: workers ----------------------------------------------------------------------
-    def datasets(self):
+    def dataset(self):
+        """The workload's training dataset (built once, by the workload)."""
         if self._datasets is None:
-            m = self.cfg.model
-            self._datasets = build_datasets(self.cfg.data_dir, m.image_size, m.message_bits, seed=self.cfg.seed)
+            self._datasets = self.workload.dataset()
         return self._datasets
 
-    def _loader(self, loader_cfg: LoaderConfig, steps: int):
-        train_set = self.datasets()[0]
-        # Enough samples for the timed batches whatever the dataset size: the sampler
-        # is given a length that wraps around the data.
-        length = max(len(train_set), (steps + 4) * loader_cfg.batch_size)
+    def _loader(self, settings: LoaderSettings, steps: int):
         # Oversubscribing the cores is one of the things measured here, on purpose.
         warnings.filterwarnings("ignore", message="This DataLoader will create")
-        sampler = EpochSampler(length, seed=self.cfg.seed, epoch=0)
-        return make_loader(_Wrapped(train_set), loader_cfg, sampler, drop_last=True)
+        return self.workload.loader(settings, steps, seed=self.cfg.seed)
 
-    def _gan(self, precision: str, batch: int, channels_last: bool | None = None) -> GANStep:
-        optim = OptimConfig(lr_g=self.lr(batch), lr_d=self.lr(batch))
+    def _step(self, precision: str, batch: int, channels_last: bool | None = None):
+        """The workload's train step at ``batch`` with the learning rates of this run's rule."""
         memory_format = self.cfg.channels_last if channels_last is None else channels_last
-        return GANStep(self.cfg.model, optim, precision, self.device, self.cfg.seed, memory_format)
+        return self.workload.build_step(batch, precision, self.device, lrs=self.lrs(batch),
+                                        channels_last=memory_format, seed=self.cfg.seed)
 
     def measure_threads_workers(self, batch: int, precision: str) -> tuple[list[WorkerMeasurement], KnobDecision]:
         """CPU: intra-op threads x DataLoader workers, end to end (they share the cores).
@@ -677,11 +730,11 @@ class Tuner:
         candidates = [(t, w) for t, w in thread_worker_candidates(cores)
                       if (self.cfg.max_workers is None or w <= self.cfg.max_workers)
                       and (shm_limit is None or w * 2 <= shm_limit)]
-        gan = self._gan(precision, batch)
+        gan = self._step(precision, batch)
 
         def measure_pair(workers: int) -> Rate:
             self.report(f"threads x workers: {torch.get_num_threads()} threads, {workers} workers")
-            loader_cfg = LoaderConfig(batch, workers, pin_memory=False, persistent_workers=workers > 0,
+            loader_cfg = LoaderSettings(batch, workers, pin_memory=False, persistent_workers=workers > 0,
                                       prefetch_factor=2 if workers else None)
             return Rate(self._worker_speed(gan, loader_cfg, max(steps, 3 * workers)))
 
@@ -709,18 +762,18 @@ class Tuner:
         cuda = self.device.type == "cuda"
         timing = self.cfg.timing
         sync = self._sync if cuda else None
-        size, bits = self.cfg.model.image_size, self.cfg.model.message_bits
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        images = torch.rand(batch, 3, size, size, generator=gen) * 2 - 1
-        messages = torch.randint(0, 2, (batch, bits), generator=gen).float()
+        example = self.workload.example_batch(batch, self.cfg.seed)
         decisions = []
 
         def step_with(**options):
-            gan = self._gan(precision, batch, options.get("channels_last"))
+            step = self._step(precision, batch, options.get("channels_last"))
             if options.get("compiled"):
-                gan.compile()
-            x, m = gan.to_device(images, messages)
-            return lambda: gan(x, m)
+                compile_step = getattr(step, "compile", None)
+                if compile_step is None:
+                    raise NotImplementedError("the workload's train step has no compile()")
+                compile_step()
+            on_device = step.to_device(example)
+            return lambda: step(on_device)
 
         with self._memory_capped():
             self.report("knobs: channels_last")
@@ -734,7 +787,7 @@ class Tuner:
                 decisions.append(not_applicable("cudnn_benchmark", None, "cuDNN is CUDA only"))
             if self.cfg.try_compile:
                 self.report("knobs: torch.compile (compiling)")
-                planned = self.cfg.planned_epochs * len(self.datasets()[0])
+                planned = self.cfg.planned_epochs * len(self.dataset())
                 measured = measure_compile(lambda flag: step_with(compiled=flag), batch, timing, sync)
                 decisions.append(choose_compile(measured, planned))
                 self._release()
@@ -765,14 +818,14 @@ class Tuner:
         cuda = self.device.type == "cuda"
         # The processes of one node share its cores.
         cores = max(1, self.host.usable_cores // self.dist.local_world_size)
-        candidates = worker_candidates(cores, self.cfg.max_workers)
+        candidates = worker_candidates(cores, self.cfg.max_workers, self.baseline.num_workers)
         steps = self.steps_for(batch, self.cfg.worker_steps)
         shm_limit = self._shm_worker_limit(batch)
-        gan = None if cuda else self._gan(precision, batch)
+        gan = None if cuda else self._step(precision, batch)
         results: list[WorkerMeasurement] = []
 
         def measure(workers: int, prefetch: int | None) -> WorkerMeasurement:
-            loader_cfg = LoaderConfig(batch, workers, pin_memory=cuda, persistent_workers=workers > 0,
+            loader_cfg = LoaderSettings(batch, workers, pin_memory=cuda, persistent_workers=workers > 0,
                                       prefetch_factor=prefetch)
             self.report(f"workers: {workers}, prefetch {prefetch}")
             # At least three rounds of workers: DataLoader hands work out round-robin and
@@ -807,7 +860,10 @@ class Tuner:
         the chosen step consumes; a warning when storage, not the workers, will limit it."""
         from autotune.storage import measure_read_rate, storage_limit
 
-        rate = measure_read_rate(self.datasets()[0].files, max_seconds=2.0, streams=max(1, workers))
+        files = self.workload.files()
+        if not files:
+            return None
+        rate = measure_read_rate(files, max_seconds=2.0, streams=max(1, workers))
         if rate is None:
             return None
         limit = storage_limit(rate.bytes_per_s, step_images_per_s, rate.mean_file_bytes, rate.cold)
@@ -822,11 +878,13 @@ class Tuner:
         shm = getattr(self.host, "shm_bytes", None)
         if shm is None:
             return None
-        size = self.cfg.model.image_size
-        batch_bytes = batch * (3 * size * size * 4 + self.cfg.model.message_bits * 4)
+        sample = self.workload.sample_bytes()
+        if not sample:
+            return None
+        batch_bytes = batch * sample
         return max(0, (shm // 2) // max(1, batch_bytes))
 
-    def _worker_speed(self, gan, loader_cfg: LoaderConfig, steps: int) -> float:
+    def _worker_speed(self, gan, loader_cfg: LoaderSettings, steps: int) -> float:
         """images/s of one worker setting: the loader alone on CUDA, end to end on CPU."""
         loader = self._loader(loader_cfg, steps + loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0) + 4)
         try:
@@ -840,8 +898,11 @@ class Tuner:
         return max(3, min(max_steps, math.ceil(self.cfg.measure_images / batch)))
 
     # -- phase 5: learning rate ----------------------------------------------------------------
-    def lr(self, batch: int) -> float:
-        return scale_lr(REFERENCE_LR, REFERENCE_BATCH, batch, *self.lr_rule())
+    def lrs(self, batch: int) -> dict[str, float]:
+        """Every reference learning rate of the workload, scaled to ``batch`` by this run's rule."""
+        rule = self.lr_rule()
+        return {name: scale_lr(lr, self.reference_batch, batch, *rule)
+                for name, lr in self.workload.reference_lrs.items()}
 
     def lr_rule(self) -> tuple[str, float | None]:
         """The rule the rates follow, with the noise scale ``adascale`` needs. Before the
@@ -854,17 +915,19 @@ class Tuner:
         return self.cfg.lr_rule, None
 
     # -- phase 6: seed default vs recommendation -------------------------------------------------
-    def compare(self, recommended: TrainConfig) -> dict:
-        """Alternate the seed default and the recommendation, each trained end to end on
-        the same data for about the same number of images; the median of the rounds counts.
+    def compare(self, loader: LoaderSettings, precision: str, channels_last: bool = False,
+                threads: int | None = None) -> dict:
+        """Alternate the workload's baseline and the recommendation (``loader``,
+        ``precision``, ``channels_last``, ``threads``), each trained end to end on the same
+        data for about the same number of images; the median of the rounds counts.
 
         Under the memory target like every other phase. A configuration that does not
-        fit there (the seed default is fp32 at batch 16) is reported in a sentence, not
-        raised: the search result stands."""
+        fit there (ARWGAN's baseline is fp32 at batch 16) is reported in a sentence, not
+        raised: the search result stands. (The record keeps the key ``seed_default`` for
+        the baseline.)"""
         configs = {
-            "seed_default": (SEED_LOADER, SEED_PRECISION, False, None),
-            "recommended": (recommended.loader, recommended.precision, recommended.channels_last,
-                            recommended.cpu_threads),
+            "seed_default": (self.baseline.loader(), self.baseline.precision, False, None),
+            "recommended": (loader, precision, channels_last, threads),
         }
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         failed: dict[str, str] = {}
@@ -894,7 +957,7 @@ class Tuner:
             "rounds": speeds,
         }
         if failed:
-            words = {"seed_default": f"the seed default (batch {SEED_LOADER.batch_size}, {SEED_PRECISION})",
+            words = {"seed_default": f"the {self.baseline.label} (batch {self.baseline.batch_size}, {self.baseline.precision})",
                      "recommended": "the recommendation"}
             result["note"] = "; ".join(
                 f"{words[name]} does not fit under {format_bytes(self.target)}" for name in failed
@@ -902,10 +965,10 @@ class Tuner:
             self.warnings.append(result["note"])
         return result
 
-    def _train_speed(self, loader_cfg: LoaderConfig, precision: str, steps: int,
+    def _train_speed(self, loader_cfg: LoaderSettings, precision: str, steps: int,
                      channels_last: bool = False) -> float:
         """End-to-end images/s of one configuration: a fresh GAN fed by a fresh loader."""
-        gan = self._gan(precision, loader_cfg.batch_size, channels_last)
+        gan = self._step(precision, loader_cfg.batch_size, channels_last)
         depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
         loader = self._loader(loader_cfg, steps + depth + 4)
         return training_images_per_s(gan, loader, steps, sync=self._sync)
@@ -925,8 +988,8 @@ class Tuner:
         machine = self.probe()
         self.target = self.target_bytes()
         self.precision_candidates()
-        with local_main_first(self.dist):  # the synthetic set: generated once per node
-            self.datasets()
+        with local_main_first(self.dist):  # e.g. a synthetic set: generated once per node
+            self.dataset()
         return machine
 
     def run(self) -> TuneResult:
@@ -983,10 +1046,11 @@ class Tuner:
         storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 
         global_batch = batch * world
-        factor = global_batch / REFERENCE_BATCH
+        factor = global_batch / self.reference_batch
         rule, noise_scale = self.lr_rule()
-        lr = self.lr(global_batch)
-        warn = lr_warning(lr / REFERENCE_LR)
+        lrs = self.lrs(global_batch)
+        first = next(iter(self.workload.reference_lrs))
+        warn = lr_warning(lrs[first] / self.workload.reference_lrs[first])
         if warn:
             self.warnings.append(warn)
         choice = TunedChoice(
@@ -996,10 +1060,9 @@ class Tuner:
             persistent_workers=best.workers > 0,
             prefetch_factor=best.prefetch_factor,
             precision=chosen_precision,
-            lr_g=lr,
-            lr_d=lr,
+            learning_rates=lrs,
             warmup_steps=warmup_steps_for(
-                rule, factor, None if noise_scale is None else noise_scale / REFERENCE_BATCH),
+                rule, factor, None if noise_scale is None else noise_scale / self.reference_batch),
             lr_rule=rule,
             objective=cfg.objective,
             world_size=world,
@@ -1009,15 +1072,9 @@ class Tuner:
             compile=bool(knob_value.get("compile", False)),
             cudnn_benchmark=knob_value.get("cudnn_benchmark"),
         )
-        recommended = TrainConfig(
-            model=cfg.model,
-            loader=LoaderConfig(batch, best.workers, choice.pin_memory, choice.persistent_workers,
-                                choice.prefetch_factor),
-            precision=chosen_precision,
-            channels_last=choice.channels_last,
-            cpu_threads=threads,
-        )
-        own_comparison = self.compare(recommended)
+        recommended = LoaderSettings(batch, best.workers, choice.pin_memory,
+                                     choice.persistent_workers, choice.prefetch_factor)
+        own_comparison = self.compare(recommended, chosen_precision, choice.channels_last, threads)
         comparison = own_comparison
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
@@ -1027,7 +1084,7 @@ class Tuner:
                       if cfg.objective == "goodput" and self.goodput is not None else 1.0)
         verdict = judge_recommendation(comparison["seed_default_images_per_s"],
                                        comparison["recommended_images_per_s"], cfg.objective,
-                                       efficiency=efficiency)
+                                       efficiency=efficiency, baseline=self.baseline.label)
         candidate, choice = choice, choice if verdict.keep_candidate else self.seed_choice(world)
         self.warnings += [verdict.message] if verdict.message else []
         measurements = {
@@ -1061,7 +1118,8 @@ class Tuner:
                 chosen = replace(self.goodput.chosen, images_per_s=rec,
                                  goodput=rec * self.goodput.chosen.efficiency)
                 measurements["goodput_verdict"] = verdict_line(
-                    replace(self.goodput, chosen=chosen), SEED_LOADER.batch_size, seed)
+                    replace(self.goodput, chosen=chosen), self.baseline.batch_size, seed,
+                    f"the {self.baseline.label}")
         if self.dist.distributed:
             own = {
                 "rank": self.dist.rank,
@@ -1087,26 +1145,41 @@ class Tuner:
             schema_version=SCHEMA_VERSION,
             created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             device=self.fingerprint,
-            model=cfg.model.to_dict(),
-            model_fingerprint=cfg.model.fingerprint(),
+            model=self.workload.fingerprint(),
+            model_fingerprint=fingerprint_of(self.workload.fingerprint()),
+            workload=self.workload_record(),
             choice=choice,
             measurements=measurements,
             tool_version=_tool_version(),
         )
         return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
 
+    def workload_record(self) -> dict:
+        """What the tuned file says about the workload: its name, how to rebuild it, the
+        reference the learning rates were scaled from, the baseline, and the command to
+        re-run when the file no longer fits."""
+        return {
+            "name": self.workload.name,
+            "ref": self.ref.to_dict() if self.ref is not None else None,
+            "reference_batch": self.reference_batch,
+            "reference_lrs": dict(self.workload.reference_lrs),
+            "baseline": asdict(self.baseline),
+            "tuner": self.cfg.tuner_command,
+        }
+
     def seed_choice(self, world: int) -> TunedChoice:
-        """The seed default as a tuned choice, learning rates by this run's rule."""
-        global_batch = SEED_LOADER.batch_size * world
+        """The workload's baseline as a tuned choice, learning rates by this run's rule."""
+        base = self.baseline.loader()
+        global_batch = base.batch_size * world
         rule, noise_scale = self.lr_rule()
         return TunedChoice(
-            batch_size=SEED_LOADER.batch_size, num_workers=SEED_LOADER.num_workers,
-            pin_memory=SEED_LOADER.pin_memory, persistent_workers=SEED_LOADER.persistent_workers,
-            prefetch_factor=SEED_LOADER.prefetch_factor, precision=SEED_PRECISION,
-            lr_g=self.lr(global_batch), lr_d=self.lr(global_batch),
+            batch_size=base.batch_size, num_workers=base.num_workers,
+            pin_memory=base.pin_memory, persistent_workers=base.persistent_workers,
+            prefetch_factor=base.prefetch_factor, precision=self.baseline.precision,
+            learning_rates=self.lrs(global_batch),
             warmup_steps=warmup_steps_for(
-                rule, global_batch / REFERENCE_BATCH,
-                None if noise_scale is None else noise_scale / REFERENCE_BATCH),
+                rule, global_batch / self.reference_batch,
+                None if noise_scale is None else noise_scale / self.reference_batch),
             lr_rule=rule, objective=self.cfg.objective, world_size=world, noise_scale=noise_scale,
         )
 
@@ -1206,20 +1279,6 @@ def slowest_rank_comparison(per_rank: list[dict]) -> dict:
     return combined
 
 
-class _Wrapped(torch.utils.data.Dataset):
-    """Lets a sampler longer than the dataset wrap around it (for timing only)."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, seed = key
-        return self.dataset[(index % len(self.dataset), seed)]
-
-
 def _threads(threads: int | None):
     """torch's intra-op threads for a block (None: unchanged)."""
     if threads is None:
@@ -1238,8 +1297,10 @@ def _tool_version() -> str:
         return "unknown"
 
 
-def tune(cfg: TuneConfig, probes: Probes | None = None, report: Report | None = None) -> TuneResult:
-    return Tuner(cfg, probes, report).run()
+def run_tuner(workload: Workload, cfg: TuneConfig | None = None, probes: Probes | None = None,
+              report: Report | None = None) -> TuneResult:
+    """Tune ``workload`` in this process (no torchrun), as ``cfg`` says."""
+    return Tuner(workload, cfg, probes, report).run()
 
 
 def _is_worker_failure(exc: BaseException) -> bool:

@@ -24,7 +24,7 @@ COMMANDS = {
     "python -c pass": ["-c", "pass"],
     "arwgan-train --help": ["-m", "arwgan.cli", "--help"],
     "arwgan-train --batch 0": ["-m", "arwgan.cli", "--batch", "0"],
-    "arwgan-autotune --help": ["-m", "autotune.cli", "--help"],
+    "arwgan-autotune --help": ["-m", "arwgan.autotune_cli", "--help"],
     "arwgan (no command)": ["-m", "arwgan"],
 }
 

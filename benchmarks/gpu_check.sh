@@ -72,7 +72,7 @@ tail -4 "$OUT/pytest_gpu.txt"
 step "tune the official model (128x128, 30 bits, 64 channels) at --target-mem 20GB"
 plot=(--plot "$OUT/trials.png")
 "$PY" -c "import matplotlib" 2>/dev/null || plot=()
-timeout 200 "$PY" -m autotune.cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
+timeout 200 "$PY" -m arwgan.autotune_cli --target-mem 20GB --device cuda --out "$OUT/tuned.json" \
     --max-workers 16 "${plot[@]}" > "$OUT/tune.txt" 2>&1
 rc[tune]=$?
 tail -30 "$OUT/tune.txt"

@@ -98,7 +98,7 @@ def human_lines(summary: dict) -> list[str]:
         lines.append(f"GPU {t['device'].get('gpu_name')}, torch {t['device'].get('torch_version')}, "
                      f"target {gib(t['target_bytes'])}, context {gib(t['context_bytes'])}")
         lines.append(f"chosen: batch {c['batch_size']}, {c['precision']}, {c['num_workers']} workers "
-                     f"(prefetch {c['prefetch_factor']}), lr {c['lr_g']:.3g}; peak "
+                     f"(prefetch {c['prefetch_factor']}), lr {c['learning_rates']['lr_g']:.3g}; peak "
                      f"{gib(t['chosen_peak_bytes'])} of {gib(t['target_bytes'])}, "
                      f"{t['chosen_images_per_s'] or 0:.0f} img/s")
         lines.append("precision: " + ", ".join(

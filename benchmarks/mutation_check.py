@@ -175,7 +175,7 @@ MUTANTS: list[Mutant] = [
            "reduced = {name: packed[i] for i, name in enumerate(names)}"),
       ["tests/test_ddp.py"]),
     m("loader-long-tmpdir-hang", "DataLoader workers keep a temporary folder too long for their sockets",
-      Edit("arwgan/data.py", "worker_init_fn=_short_socket_tempdir if workers else None,", "worker_init_fn=None,"),
+      Edit("arwgan/data.py", "worker_init_fn=short_socket_tempdir if workers else None,", "worker_init_fn=None,"),
       ["tests/test_data.py"]),
     m("cuda-probe-always-available", "the real CUDA probe says CUDA is there",
       Edit("autotune/device.py", "        return bool(self._cuda().is_available())\n", "        return True\n"),

@@ -27,14 +27,17 @@ import json
 import re
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from arwgan.config import LoaderConfig, ModelConfig, OptimConfig
-from arwgan.step import GANStep
+from arwgan.config import LoaderConfig, ModelConfig
 from autotune.measure import training_images_per_s
-from autotune.tuner import SEED_LOADER, SEED_PRECISION, TuneConfig, Tuner, worker_candidates
+from arwgan.tuning import TuneConfig, Tuner
+from arwgan.workload import SEED_LOADER, SEED_PRECISION
+from autotune.tuner import worker_candidates
+from autotune.workload import LoaderSettings
 
 #: The Makefile's DEMO_MODEL.
 DEMO = {"image_size": 32, "message_bits": 8, "channels": 16, "noise": "jpeg()+dropout(0.5,0.6)"}
@@ -86,24 +89,30 @@ def describe(model: ModelConfig) -> str:
             f"{model.channels} ch, noise {model.noise or 'none'}")
 
 
-def run_shape(model: ModelConfig, args) -> dict:
-    """The tuner, (a) and (b) for one model shape; returns the summary."""
+def run_tuner(model: ModelConfig, args, objective: str):
+    """The tuner, timed as a user would run it."""
     tune_cfg = TuneConfig(model=model, device=args.device, target_mem=args.target_mem,
-                          max_batch=args.max_batch, objective=args.objective,
+                          max_batch=args.max_batch, objective=objective,
                           max_workers=args.max_workers)
-    print(f"== {describe(model)} (objective {args.objective})", flush=True)
-
-    # The tuner, timed as a user would run it.
     started = time.perf_counter()
     result = Tuner(tune_cfg, report=lambda m: None).run()
     tuner_s = time.perf_counter() - started
     choice = result.tuned.choice
-    print(f"tuner: {tuner_s:.0f} s -> batch {choice.batch_size}, {choice.num_workers} workers "
+    print(f"tuner ({objective}): {tuner_s:.0f} s -> batch {choice.batch_size}, {choice.num_workers} workers "
           f"(prefetch {choice.prefetch_factor}), {choice.precision}; "
           f"{len(result.search.trials)} search trials ({result.search.stop_reason})", flush=True)
+    return tune_cfg, result, tuner_s
+
+
+def run_shape(model: ModelConfig, args) -> list[dict]:
+    """The tuner (once per objective), (a) and (b) for one model shape; the grid is
+    measured once and every objective's pick is judged against it."""
+    print(f"== {describe(model)} (objectives {', '.join(args.objective)})", flush=True)
+    runs = {objective: run_tuner(model, args, objective) for objective in args.objective}
+    tune_cfg = next(iter(runs.values()))[0]
 
     # A fresh tuner object reuses the measuring code (same data, same loader) for the grid.
-    bench = Tuner(tune_cfg, report=lambda m: None)
+    bench = Tuner(replace(tune_cfg, objective="throughput", lr_rule="none"), report=lambda m: None)
     bench.probe()
     bench.target = bench.target_bytes()
     cores = bench.host.usable_cores
@@ -111,28 +120,35 @@ def run_shape(model: ModelConfig, args) -> dict:
 
     def measure(loader: LoaderConfig, precision: str, channels_last: bool = False,
                 threads: int | None = None) -> float:
-        lr = bench.lr(loader.batch_size)
-        gan = GANStep(model, OptimConfig(lr_g=lr, lr_d=lr), precision, bench.device,
-                      tune_cfg.seed, channels_last)
+        step = bench._step(precision, loader.batch_size, channels_last)
         depth = loader.num_workers * (loader.prefetch_factor or 0)
+        settings = LoaderSettings(loader.batch_size, loader.num_workers, loader.pin_memory,
+                                  loader.persistent_workers, loader.prefetch_factor)
         with _threads(threads or default_threads):
-            return training_images_per_s(gan, bench._loader(loader, args.steps + depth + 4),
+            return training_images_per_s(step, bench._loader(settings, args.steps + depth + 4),
                                          args.steps)
 
-    # (a) seed default vs tuned, alternated.
-    tuned_loader = LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
-                                choice.persistent_workers, choice.prefetch_factor)
-    seed_runs, tuned_runs = [], []
-    for _ in range(args.rounds):
-        seed_runs.append(measure(SEED_LOADER, SEED_PRECISION))
-        tuned_runs.append(measure(tuned_loader, choice.precision, choice.channels_last,
-                                  choice.cpu_threads))
-    seed_ips, tuned_ips = statistics.median(seed_runs), statistics.median(tuned_runs)
-    print(f"(a) seed default {seed_ips:.1f} img/s, tuned {tuned_ips:.1f} img/s: "
-          f"{tuned_ips / seed_ips:.2f}x (median of {args.rounds} alternated rounds)", flush=True)
+    def loader_of(choice) -> LoaderConfig:
+        return LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
+                            choice.persistent_workers, choice.prefetch_factor)
 
-    # (b) the grid.
-    largest_ok = max(t.batch for t in result.search.trials if t.ok)
+    # (a) seed default vs tuned, alternated, per objective.
+    speedups = {}
+    for objective, (_, result, _) in runs.items():
+        choice = result.tuned.choice
+        seed_runs, tuned_runs = [], []
+        for _ in range(args.rounds):
+            seed_runs.append(measure(SEED_LOADER, SEED_PRECISION))
+            tuned_runs.append(measure(loader_of(choice), choice.precision, choice.channels_last,
+                                      choice.cpu_threads))
+        seed_ips, tuned_ips = statistics.median(seed_runs), statistics.median(tuned_runs)
+        speedups[objective] = (seed_runs, tuned_runs, tuned_ips / seed_ips)
+        print(f"(a) {objective}: seed default {seed_ips:.1f} img/s, tuned {tuned_ips:.1f} img/s: "
+              f"{tuned_ips / seed_ips:.2f}x images/s (median of {args.rounds} alternated rounds)",
+              flush=True)
+
+    # (b) the grid, once.
+    largest_ok = max(t.batch for _, result, _ in runs.values() for t in result.search.trials if t.ok)
     batches = [b for b in (2**i for i in range(1, 20)) if b <= largest_ok]
     workers = worker_candidates(cores, args.max_workers)
     precisions = bench.precision_candidates()
@@ -152,30 +168,35 @@ def run_shape(model: ModelConfig, args) -> dict:
               flush=True)
     grid_s = time.perf_counter() - grid_started
     best = max(grid, key=lambda g: g["images_per_s"])
-    chosen_ips = measure(tuned_loader, choice.precision, choice.channels_last,
-                         choice.cpu_threads)  # grid protocol
     best_knobs = (f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
                   if args.grid_knobs else "")
     print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
-          f"{best_knobs}: {best['images_per_s']:.1f} img/s; tuner's choice: {chosen_ips:.1f} img/s = "
-          f"{100 * chosen_ips / best['images_per_s']:.0f} % of the best")
-    print(f"    grid of {len(grid)} points took {grid_s:.0f} s; the tuner took {tuner_s:.0f} s "
-          f"= {100 * tuner_s / grid_s:.0f} % of the grid's time", flush=True)
-    return {
-        "model": model.to_dict(), "shape": describe(model), "objective": args.objective,
-        "device": str(bench.device), "tuner_s": tuner_s,
-        "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
-        "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
-                   "prefetch": choice.prefetch_factor, "precision": choice.precision,
-                   "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
-                   "compile": choice.compile, "objective": choice.objective,
-                   "noise_scale": choice.noise_scale},
-        "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
-        "speedup": tuned_ips / seed_ips, "grid": grid, "grid_s": grid_s, "grid_best": best,
-        "choice_images_per_s_in_grid_protocol": chosen_ips,
-        "choice_share_of_best": chosen_ips / best["images_per_s"],
-        "tuner_time_share_of_grid": tuner_s / grid_s,
-    }
+          f"{best_knobs}: {best['images_per_s']:.1f} img/s; grid of {len(grid)} points took {grid_s:.0f} s")
+    summaries = []
+    for objective, (_, result, tuner_s) in runs.items():
+        choice = result.tuned.choice
+        chosen_ips = measure(loader_of(choice), choice.precision, choice.channels_last,
+                             choice.cpu_threads)  # grid protocol
+        seed_runs, tuned_runs, speedup = speedups[objective]
+        print(f"    {objective}: the tuner's choice {chosen_ips:.1f} img/s = "
+              f"{100 * chosen_ips / best['images_per_s']:.0f} % of the best; the tuner took "
+              f"{tuner_s:.0f} s = {100 * tuner_s / grid_s:.0f} % of the grid's time", flush=True)
+        summaries.append({
+            "model": model.to_dict(), "shape": describe(model), "objective": objective,
+            "device": str(bench.device), "tuner_s": tuner_s,
+            "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
+            "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
+                       "prefetch": choice.prefetch_factor, "precision": choice.precision,
+                       "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
+                       "compile": choice.compile, "objective": choice.objective,
+                       "noise_scale": choice.noise_scale},
+            "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
+            "speedup": speedup, "grid": grid, "grid_s": grid_s, "grid_best": best,
+            "choice_images_per_s_in_grid_protocol": chosen_ips,
+            "choice_share_of_best": chosen_ips / best["images_per_s"],
+            "tuner_time_share_of_grid": tuner_s / grid_s,
+        })
+    return summaries
 
 
 @contextlib.contextmanager
@@ -197,8 +218,9 @@ def main() -> None:
     parser.add_argument("--message-bits", type=int, default=8)
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--noise", default="")
-    parser.add_argument("--objective", default="goodput", choices=("goodput", "throughput", "memory"),
-                        help="the tuner's objective (default: the tuner's own, goodput)")
+    parser.add_argument("--objective", action="append", choices=("goodput", "throughput", "memory"),
+                        help="the tuner's objective, repeatable: each is tuned and judged against one "
+                             "grid (default: the tuner's own, goodput)")
     parser.add_argument("--target-mem", default="3GB")
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-workers", type=int, default=None,
@@ -213,12 +235,13 @@ def main() -> None:
     defaults = {"image_size": args.image_size, "message_bits": args.message_bits,
                 "channels": args.channels, "noise": args.noise}
     models = [parse_model(spec, defaults) for spec in args.model] or [ModelConfig(**defaults)]
-    summaries = [run_shape(model, args) for model in models]
+    args.objective = args.objective or ["goodput"]
+    summaries = [s for model in models for s in run_shape(model, args)]
 
-    print(f"\nsummary ({args.objective}): shape | tuner s | grid s | tuner/grid time | "
-          "pick/grid best | tuned/seed")
+    print("\nsummary: shape | objective | tuner s | grid s | tuner/grid time | "
+          "pick/grid best | tuned/seed images/s")
     for s in summaries:
-        print(f"  {s['shape']} | {s['tuner_s']:.0f} | {s['grid_s']:.0f} | "
+        print(f"  {s['shape']} | {s['objective']} | {s['tuner_s']:.0f} | {s['grid_s']:.0f} | "
               f"{100 * s['tuner_time_share_of_grid']:.0f} % | "
               f"{100 * s['choice_share_of_best']:.0f} % | {s['speedup']:.2f}x")
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)

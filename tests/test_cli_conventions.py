@@ -24,7 +24,7 @@ from arwgan.cli import app as train_app
 from arwgan.console import EXIT_INTERRUPTED, EXIT_USAGE, run_typer
 from arwgan.errors import UserError
 from arwgan.runs import LATEST, prepare_run_folder, resolve_resume
-from autotune.cli import app as tune_app
+from arwgan.autotune_cli import app as tune_app
 from autotune.console import HumanConsole, ProgressLines
 from autotune.decisions import judge_recommendation
 from helpers import assert_one_error_line
@@ -109,7 +109,8 @@ def test_tuner_messages_keep_awkward_paths_whole_on_a_narrow_terminal(
     out = folder / "tuned [x].json"
     monkeypatch.setattr(autotune.report, "print_report", lambda console, result: None)
     monkeypatch.setattr(autotune.tuned, "save_tuned", lambda path, tuned: None)
-    autotune.cli.write_outputs(type("R", (), {"tuned": None})(), out, None, False)
+    autotune.cli.write_outputs(type("R", (), {"tuned": None})(), out, None, False,
+                               "train with: arwgan-train --from-tuned {out}")
     _line_with(narrow, f"train with: arwgan-train --from-tuned {out}")
 
 
@@ -402,24 +403,24 @@ def test_explicit_batch_with_a_tuned_file_rescales_the_learning_rates() -> None:
 
     choice = TunedChoice(
         batch_size=64, num_workers=2, pin_memory=False, persistent_workers=True,
-        prefetch_factor=2, precision="fp32", lr_g=4e-3, lr_d=2e-3, warmup_steps=0,
+        prefetch_factor=2, precision="fp32", learning_rates={"lr_g": 4e-3, "lr_d": 2e-3}, warmup_steps=0,
         lr_rule="linear", objective="throughput",
     )
     rescaled, message = rescale_for_batch(choice, 16)
-    assert (rescaled.batch_size, rescaled.lr_g, rescaled.lr_d) == (16, pytest.approx(1e-3), pytest.approx(5e-4))
+    assert (rescaled.batch_size, rescaled.learning_rates["lr_g"], rescaled.learning_rates["lr_d"]) == (16, pytest.approx(1e-3), pytest.approx(5e-4))
     assert "--batch 16 instead of the tuned 64" in message and "linear rule" in message
     from dataclasses import replace
 
     sqrt, _ = rescale_for_batch(replace(choice, lr_rule="sqrt"), 16)
-    assert sqrt.lr_g == pytest.approx(2e-3)
+    assert sqrt.learning_rates["lr_g"] == pytest.approx(2e-3)
     kept, _ = rescale_for_batch(replace(choice, lr_rule="none"), 16)
-    assert kept.lr_g == 4e-3
+    assert kept.learning_rates["lr_g"] == 4e-3
     # adascale, noise scale 32 images: the gain at 64 from the reference 16 is
     # (32/16 + 1) / (32/64 + 1) = 2, so the tuned rate is 1e-3 x sqrt(2) and --batch 16
     # brings it back to the reference 1e-3 (the rule's noise scale goes with it).
-    ada = replace(choice, lr_rule="adascale", noise_scale=32.0, lr_g=1e-3 * 2**0.5, lr_d=1e-3 * 2**0.5)
+    ada = replace(choice, lr_rule="adascale", noise_scale=32.0, learning_rates={"lr_g": 1e-3 * 2**0.5, "lr_d": 1e-3 * 2**0.5})
     back, message = rescale_for_batch(ada, 16)
-    assert back.lr_g == pytest.approx(1e-3) and back.noise_scale == 32.0
+    assert back.learning_rates["lr_g"] == pytest.approx(1e-3) and back.noise_scale == 32.0
     assert "adascale rule" in message
 
 
@@ -455,11 +456,11 @@ except SystemExit as exc:
     ("arwgan.cli", ["--batch", "0"]),
     ("arwgan.cli", ["--precision", "fp8"]),
     ("arwgan.cli", ["--device", "tpu"]),
-    ("autotune.cli", ["-h"]),
-    ("autotune.cli", ["--objective", "speed"]),
+    ("arwgan.autotune_cli", ["-h"]),
+    ("arwgan.autotune_cli", ["--objective", "speed"]),
     ("arwgan.app", ["train", "--epochs", "0"]),
     ("arwgan.cli", ["--noise", "crop((0.2,0.3),(0.2,0.3))+blur(3)"]),
-    ("autotune.cli", ["--noise", "Jpeg(0)+dropout(1.5,0.6)"]),
+    ("arwgan.autotune_cli", ["--noise", "Jpeg(0)+dropout(1.5,0.6)"]),
 ])
 def test_help_and_bad_flags_answer_without_importing_torch(module: str, argv: list[str]) -> None:
     result = _python(code=IMPORTS_TORCH.format(module=module, argv=argv))
@@ -538,11 +539,12 @@ def test_eval_reports_the_images_handed_out() -> None:
 
 
 def test_the_seed_default_as_a_choice_follows_the_runs_rule() -> None:
-    from autotune.tuner import SEED_LOADER, TuneConfig, Tuner
+    from arwgan.tuning import TuneConfig, Tuner
+    from arwgan.workload import SEED_LOADER
 
     tuner = Tuner(TuneConfig(device="cpu", lr_rule="sqrt", objective="throughput"))
     choice = tuner.seed_choice(world=4)
     assert (choice.batch_size, choice.num_workers, choice.precision) == (
         SEED_LOADER.batch_size, SEED_LOADER.num_workers, "fp32")
-    assert choice.lr_g == pytest.approx(1e-3 * 2)  # sqrt of the global batch 64 over 16
+    assert choice.learning_rates["lr_g"] == pytest.approx(1e-3 * 2)  # sqrt of the global batch 64 over 16
     assert (choice.world_size, choice.lr_rule) == (4, "sqrt")

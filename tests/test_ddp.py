@@ -19,6 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+
+from helpers import ARWGAN_RECORD
 import torch
 import torch.multiprocessing as mp
 from rich.console import Console
@@ -265,13 +267,17 @@ def _step_worker(rank: int, out_dir: Path, same_data: bool) -> None:
 
 
 def _single_process_state(steps: int) -> dict:
-    """The networks after ``steps`` single-process steps on ``_batch(0..steps-1)``."""
+    """The networks after ``steps`` single-process steps on ``_batch(0..steps-1)``, on one
+    thread like each rank (a bit-for-bit comparison must not depend on how many threads
+    split a reduction, nor on the thread count earlier tests left)."""
     from arwgan.step import GANStep
+    from autotune.knobs import torch_threads
 
-    gan = GANStep(_tiny_model(), OptimConfig(), "fp32", CPU, seed=0)
-    for step in range(steps):
-        gan(*_batch(step))
-    return gan.nets.state_dict()
+    with torch_threads(1):
+        gan = GANStep(_tiny_model(), OptimConfig(), "fp32", CPU, seed=0)
+        for step in range(steps):
+            gan(*_batch(step))
+        return gan.nets.state_dict()
 
 
 @pytest.mark.slow
@@ -631,7 +637,7 @@ BYTES_PER_IMAGE = 10 * 2**20
 
 def _tune_worker(rank: int, data_dir: Path, out_dir: Path, batch_limits: tuple[int, int]) -> None:
     """arwgan-autotune on two ranks whose (fake) memory fits batch_limits[rank]."""
-    from autotune.cli import app as tune_app
+    from arwgan.autotune_cli import app as tune_app
     from autotune.trial import TrialMeasurement
     from autotune.tuner import Tuner
 
@@ -647,7 +653,7 @@ def _tune_worker(rank: int, data_dir: Path, out_dir: Path, batch_limits: tuple[i
         # The search's limit is 97 % of the target: it falls half an image above the limit.
         return int((batch_limits[rank] + 0.5) * BYTES_PER_IMAGE / (1 - self.cfg.margin_fraction))
 
-    def fake_compare(self, recommended):
+    def fake_compare(self, recommended, *args, **kwargs):
         # Each rank's own end-to-end figures; rank 1 is the slower one.
         speed = 100.0 - 40 * rank
         return {"seed_default_images_per_s": speed, "recommended_images_per_s": 2 * speed,
@@ -679,7 +685,7 @@ def test_ranks_agree_on_the_smallest_batch_and_the_file_names_the_limiting_rank(
     tuned = load_tuned(tmp_path / "tuned.json")
     choice, m = tuned.choice, tuned.measurements
     assert (choice.batch_size, choice.world_size) == (12, 2)
-    assert choice.lr_g == pytest.approx(1e-3 * 24 / 16)  # linear, global batch 2 x 12
+    assert choice.learning_rates["lr_g"] == pytest.approx(1e-3 * 24 / 16)  # linear, global batch 2 x 12
     assert (m["world_size"], m["global_batch"], m["limiting_rank"]) == (2, 24, 1)
     assert [r["chosen_batch"] for r in m["ranks"]] == [16, 12]
     assert [r["peak_bytes"] for r in m["ranks"]] == [16 * BYTES_PER_IMAGE, 12 * BYTES_PER_IMAGE]
@@ -728,14 +734,14 @@ def _tuned_file(path: Path) -> Path:
     model = _tiny_model()
     choice = TunedChoice(
         batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False,
-        prefetch_factor=None, precision="fp32", lr_g=2.5e-4, lr_d=2.5e-4, warmup_steps=0,
+        prefetch_factor=None, precision="fp32", learning_rates={"lr_g": 2.5e-4, "lr_d": 2.5e-4}, warmup_steps=0,
         lr_rule="linear", objective="throughput", world_size=1,
     )
     save_tuned(path, TunedFile(
         schema_version=SCHEMA_VERSION, created_utc="2025-01-01T00:00:00+00:00",
         device={"device_type": "cpu"}, model=model.to_dict(),
         model_fingerprint=model.fingerprint(), choice=choice, measurements={},
-        tool_version="test",
+        tool_version="test", workload=dict(ARWGAN_RECORD),
     ))
     return path
 

@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from helpers import arwgan_ref
 import torch
 
 from arwgan.config import ModelConfig
@@ -37,7 +39,7 @@ from autotune.device import (
 from autotune.oom import is_oom
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, HostInfo, Probes, TorchInfo
 from autotune.trial import TrialSpec, run_trial
-from autotune.tuner import TuneConfig, Tuner
+from arwgan.tuning import TuneConfig, Tuner
 from autotune.timing import TimingConfig
 from helpers import assert_one_error_line
 
@@ -104,7 +106,6 @@ def fake_gpu(monkeypatch):
         log: list = []
         gan = fake_gan_class(cuda, per_image, log)
         monkeypatch.setattr("arwgan.step.GANStep", gan)
-        monkeypatch.setattr("autotune.tuner.GANStep", gan)
         nvml = FakeCudaNvml(cuda, **(nvml_kwargs or {}))
         probes = Probes(nvml=nvml, cuda=cuda, host=FakeHostProbe(HOST), torch=lambda: TORCH)
         return cuda, nvml, probes, log, gan
@@ -296,7 +297,7 @@ def test_trial_drops_every_reference_before_emptying_the_cache(fake_gpu):
         empty()
 
     cuda.empty_cache = empty_cache
-    spec = TrialSpec(model=MODEL.to_dict(), precision="fp32", device="cuda", batch=4096)
+    spec = TrialSpec(workload=arwgan_ref(MODEL), precision="fp32", device="cuda", batch=4096)
     measurement = run_trial(spec, cuda)
     assert measurement.reason == "oom"
     assert alive_at_empty[-1] == 0 and cuda.allocated == 0 and cuda.reserved == 0
@@ -310,11 +311,11 @@ def test_trial_warms_up_through_every_noise_layer_and_times_whole_cycles():
     """gpu-review #17: a trial timed a partial, random noise sequence."""
     from arwgan.config import OptimConfig
     from arwgan.step import GANStep
-    from autotune.trial import _noise_cycle
+    from arwgan.workload import ArwganStep
 
     model = ModelConfig(image_size=16, message_bits=4, channels=8, noise="crop((0.5,0.9),(0.5,0.9))+dropout(0.3,0.5)")
     gan = GANStep(model, OptimConfig(), "fp32", torch.device("cpu"))
-    cycle = _noise_cycle(gan)
+    cycle = ArwganStep(gan).take_turns()
     used = []
     for index, layer in enumerate(gan.nets.noiser.layers):
         layer.register_forward_hook(lambda module, inputs, output, index=index: used.append(index))
@@ -369,7 +370,7 @@ def test_from_tuned_training_is_capped_at_the_tuned_target(fake_gpu, tiny_data_d
     """gpu-review #4: --from-tuned training ran uncapped (cuDNN benchmark workspaces sized
     from free memory could take GBs above the tuned peak)."""
     from arwgan.trainer import Trainer
-    from autotune.tuned import apply_tuned
+    from arwgan.tuning import apply_tuned
 
     _, _, probes, _, _ = fake_gpu()
     tuned = Tuner(tune_config(tiny_data_dir), probes=probes).run().tuned
@@ -414,7 +415,7 @@ def test_trials_and_training_set_the_same_cudnn_flags(monkeypatch, make_config):
 
     monkeypatch.setattr(autotune.device, "configure_cudnn", record)
     monkeypatch.setattr(arwgan.trainer, "configure_cudnn", record)
-    run_trial(TrialSpec(model=MODEL.to_dict(), precision="fp32", device="cpu", batch=2,
+    run_trial(TrialSpec(workload=arwgan_ref(MODEL), precision="fp32", device="cpu", batch=2,
                         timing=dict(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1)))
     Trainer(make_config(), Console(file=io.StringIO()))
     assert calls == ["cpu", "cpu"]
@@ -540,7 +541,7 @@ def test_cli_says_out_loud_that_torch_cannot_see_the_gpu(command, monkeypatch, t
     from arwgan.console import run_typer
 
     if command == "autotune":
-        from autotune.cli import app
+        from arwgan.autotune_cli import app
 
         args = ["--out", str(tmp_path / "tuned.json")]
     else:
@@ -562,7 +563,7 @@ def test_broadcast_buffers_takes_a_non_contiguous_buffer(monkeypatch):
     so the NCCL check is played here)."""
     from torch import nn
 
-    import arwgan.distributed
+    import autotune.distributed
     from arwgan.distributed import DistContext
 
     def nccl_broadcast(tensor, src):
@@ -570,7 +571,7 @@ def test_broadcast_buffers_takes_a_non_contiguous_buffer(monkeypatch):
             raise ValueError("Tensors must be contiguous")
         tensor.mul_(1)  # what src sends: the same values
 
-    monkeypatch.setattr(arwgan.distributed.dist, "broadcast", nccl_broadcast)
+    monkeypatch.setattr(autotune.distributed.dist, "broadcast", nccl_broadcast)
     module = nn.Module()
     # linalg.inv answers in column-major order, as for the JPEG layer: not contiguous.
     module.register_buffer("inverse", torch.linalg.inv(torch.tensor([[2.0, 1.0], [0.0, 1.0]])))

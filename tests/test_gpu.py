@@ -11,6 +11,8 @@ import gc
 from pathlib import Path
 
 import pytest
+
+from helpers import arwgan_ref
 import torch
 
 from arwgan.config import ModelConfig, OptimConfig
@@ -52,7 +54,7 @@ def test_train_step_runs_in_each_precision(precision: str) -> None:
 
 def _tuner(tmp_path: Path, **overrides):
     from autotune.timing import TimingConfig
-    from autotune.tuner import TuneConfig, Tuner
+    from arwgan.tuning import TuneConfig, Tuner
 
     cfg = TuneConfig(model=SEARCH_MODEL, device="cuda:0", target_mem=TARGET, max_batch=4096,
                      max_trials=10, objective="throughput",
@@ -120,7 +122,7 @@ def test_oom_trial_leaves_memory_at_its_pre_trial_level(previous_fraction) -> No
     before = cuda.reserved_bytes(0)
     cuda.set_memory_fraction(TARGET_BYTES / cuda.mem_get_info(0)[1], 0)
     try:
-        m = run_trial(TrialSpec(model=SEARCH_MODEL.to_dict(), precision="fp32", device="cuda:0",
+        m = run_trial(TrialSpec(workload=arwgan_ref(SEARCH_MODEL), precision="fp32", device="cuda:0",
                                 batch=4096, timing=dict(min_samples=2, max_samples=2, min_seconds=0.0,
                                                           warmup_steps=1)), cuda)
     finally:

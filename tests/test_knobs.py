@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from helpers import ARWGAN_RECORD
+
 from autotune.knobs import (
     CompileMeasurement,
     Rate,
@@ -247,15 +249,16 @@ def test_tuned_choice_channels_last_defaults_and_applies(tmp_path):
     from dataclasses import asdict, replace
 
     from arwgan.config import ModelConfig, TrainConfig
-    from autotune.tuned import TunedChoice, TunedFile, apply_tuned, load_tuned, save_tuned
+    from arwgan.tuning import apply_tuned
+    from autotune.tuned import TunedChoice, TunedFile, load_tuned, save_tuned
 
     choice = TunedChoice(batch_size=32, num_workers=0, pin_memory=False, persistent_workers=False,
-                         prefetch_factor=None, precision="fp32", lr_g=1e-3, lr_d=1e-3,
+                         prefetch_factor=None, precision="fp32", learning_rates={"lr_g": 1e-3, "lr_d": 1e-3},
                          warmup_steps=0, lr_rule="linear", objective="throughput")
     assert choice.channels_last is False
     model = ModelConfig(image_size=16, message_bits=4, channels=8)
-    tuned = TunedFile(1, "2026-01-01T00:00:00+00:00", {}, model.to_dict(), model.fingerprint(),
-                      replace(choice, channels_last=True), {}, "test")
+    tuned = TunedFile(2, "2026-01-01T00:00:00+00:00", {}, model.to_dict(), model.fingerprint(),
+                      replace(choice, channels_last=True), {}, "test", dict(ARWGAN_RECORD))
     path = tmp_path / "tuned.json"
     save_tuned(path, tuned)
     assert load_tuned(path).choice.channels_last is True

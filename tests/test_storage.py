@@ -121,7 +121,7 @@ def test_storage_limit_warns_only_when_cold_storage_cannot_feed_the_step() -> No
 def test_tuner_warns_when_storage_cannot_feed_the_chosen_configuration(tiny_data_dir: Path) -> None:
     import os
 
-    from autotune.tuner import TuneConfig, Tuner
+    from arwgan.tuning import TuneConfig, Tuner
     from arwgan.config import ModelConfig
 
     tuner = Tuner(TuneConfig(model=ModelConfig(image_size=16, message_bits=4, channels=8, noise=""),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import arwgan_ref
+
 from autotune.trial_server import EXIT_OVER_MEMORY, TrialServer, run_trial_preimported
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
@@ -106,7 +108,7 @@ def _spec(batch: int, **kwargs):
     from autotune.trial import TrialSpec
 
     model = ModelConfig(image_size=16, message_bits=4, channels=8)
-    return TrialSpec(model=model.to_dict(), precision="fp32", device="cpu", batch=batch,
+    return TrialSpec(workload=arwgan_ref(model), precision="fp32", device="cpu", batch=batch,
                      timing=dict(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1),
                      threads=1, **kwargs)
 

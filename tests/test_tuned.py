@@ -13,11 +13,11 @@ import pytest
 
 from arwgan.config import LoaderConfig, ModelConfig, OptimConfig, TrainConfig
 from arwgan.errors import CheckpointError, ConfigError, UserError
+from arwgan.tuning import apply_tuned, load_arwgan_tuned
 from autotune.tuned import (
     SCHEMA_VERSION,
     TunedChoice,
     TunedFile,
-    apply_tuned,
     check_tuned,
     load_tuned,
     rescale_for_world_size,
@@ -40,10 +40,14 @@ H100 = {
 }
 
 
+REF = {"lr_g": 1e-3, "lr_d": 1e-3}
+
+
 def make_choice(**overrides) -> TunedChoice:
     values = dict(
         batch_size=64, num_workers=3, pin_memory=True, persistent_workers=True,
-        prefetch_factor=4, precision="bf16", lr_g=4e-3, lr_d=4e-3, warmup_steps=300,
+        prefetch_factor=4, precision="bf16", learning_rates={"lr_g": 4e-3, "lr_d": 4e-3},
+        warmup_steps=300,
         lr_rule="linear", objective="throughput",
     )
     values.update(overrides)
@@ -61,6 +65,8 @@ def make_tuned(model: ModelConfig = MODEL, **overrides) -> TunedFile:
         measurements={"trials": [{"batch": 64, "peak_bytes": 5 * GiB, "images_per_s": 812.5}],
                       "baseline_images_per_s": 200.0, "recommended_images_per_s": 812.5},
         tool_version="0.1.0",
+        workload={"name": "arwgan", "ref": None, "reference_batch": 16,
+                  "reference_lrs": {"lr_g": 1e-3, "lr_d": 1e-3}, "tuner": "arwgan-autotune"},
     )
     values.update(overrides)
     return TunedFile(**values)
@@ -75,7 +81,7 @@ def test_save_load_round_trip(tmp_path):
     save_tuned(path, tuned)
     assert load_tuned(path) == tuned
     text = path.read_text()
-    assert text.endswith("}\n") and '\n  "schema_version": 1,' in text  # indent 2, key order kept
+    assert text.endswith("}\n") and '\n  "schema_version": 2,' in text  # indent 2, key order kept
     assert list(json.loads(text)) == [f.name for f in fields(TunedFile)]
 
 
@@ -153,7 +159,7 @@ INVALID_FILES = {
     "empty": ("", "not valid JSON"),
     "not json": ("{batch: 64", "not valid JSON"),
     "json list": ("[1, 2]", "does not hold a JSON object"),
-    "wrong schema version": (_with(schema_version=2), "schema version 2"),
+    "wrong schema version": (_with(schema_version=1), "schema version 1"),
     "schema version as bool": (_with(schema_version=True), "schema version True"),
     "missing key": (_with(device=_DELETE), "missing key(s) device"),
     "unknown key": (_with(extra=1), "unknown key(s) extra"),
@@ -164,10 +170,13 @@ INVALID_FILES = {
     "batch as string": (_with(choice__batch_size="64"), "batch_size must be a positive integer"),
     "batch as bool": (_with(choice__batch_size=True), "batch_size must be a positive integer"),
     "negative workers": (_with(choice__num_workers=-1), "num_workers must be a non-negative"),
-    "negative lr": (_with(choice__lr_g=-1e-3), "lr_g must be a finite number > 0"),
-    "zero lr": (_with(choice__lr_d=0), "lr_d must be a finite number > 0"),
-    "lr as string": (_with(choice__lr_g="1e-3"), "lr_g must be a finite number > 0"),
-    "lr NaN": (_with(choice__lr_g=math.nan), "lr_g must be a finite number > 0"),
+    "negative lr": (_with(choice__learning_rates__lr_g=-1e-3), "lr_g must be a finite number > 0"),
+    "zero lr": (_with(choice__learning_rates__lr_d=0), "lr_d must be a finite number > 0"),
+    "lr as string": (_with(choice__learning_rates__lr_g="1e-3"), "lr_g must be a finite number > 0"),
+    "lr NaN": (_with(choice__learning_rates__lr_g=math.nan), "lr_g must be a finite number > 0"),
+    "no learning rates": (_with(choice__learning_rates={}), "learning_rates must be a non-empty"),
+    "no workload record": (_with(workload=_DELETE), "missing key(s) workload"),
+    "another workload's rates": (_with(choice__learning_rates={"lr": 1e-3}), "not arwgan"),
     "pin_memory as int": (_with(choice__pin_memory=1), "pin_memory must be true or false"),
     "prefetch 0": (_with(choice__prefetch_factor=0), "prefetch_factor must be a positive"),
     "unknown precision": (_with(choice__precision="fp8"), "unknown precision 'fp8'"),
@@ -185,7 +194,7 @@ def test_invalid_files_are_refused_with_one_line_naming_the_file(tmp_path, text,
     path = tmp_path / "my-tuned.json"
     path.write_text(text)
     with pytest.raises(CheckpointError) as info:
-        load_tuned(path)
+        load_arwgan_tuned(path)
     message = str(info.value)
     assert isinstance(info.value, UserError)
     assert f"tuned file '{path}'" in message
@@ -199,7 +208,7 @@ def test_invalid_files_are_refused_with_one_line_naming_the_file(tmp_path, text,
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.json"
     with pytest.raises(CheckpointError, match="^tuned file '.*nope.json' does not exist; "
-                                              "run arwgan-autotune first$"):
+                                              "run the tuner first$"):
         load_tuned(path)
 
 
@@ -216,21 +225,22 @@ def test_choice_validation_names_the_field_when_built_in_code():
     with pytest.raises(ConfigError, match="batch_size"):
         make_choice(batch_size=0)
     with pytest.raises(ConfigError, match="lr_d"):
-        make_choice(lr_d=math.inf)
-    make_choice(num_workers=0, prefetch_factor=None, persistent_workers=False, lr_g=1)
+        make_choice(learning_rates={"lr_g": 1e-3, "lr_d": math.inf})
+    make_choice(num_workers=0, prefetch_factor=None, persistent_workers=False,
+                learning_rates={"lr_g": 1, "lr_d": 1})
 
 
 # ------------------------------------------------------------------- checking
 
 
 def test_same_machine_and_model_gives_no_warning():
-    assert check_tuned(make_tuned(), MODEL, dict(H100), force=False) == []
+    assert check_tuned(make_tuned(), MODEL.to_dict(), dict(H100), force=False) == []
 
 
 def test_device_differences_are_one_warning_naming_each():
     a100 = dict(H100, gpu_name="NVIDIA A100-SXM4-40GB", gpu_total_bytes=40 * GiB,
                 driver_version="535.104.05", usable_cores=8)
-    warnings = check_tuned(make_tuned(), MODEL, a100, force=False)
+    warnings = check_tuned(make_tuned(), MODEL.to_dict(), a100, force=False)
     assert warnings == [
         "tuned on NVIDIA H100 80GB HBM3 (80.0 GiB), running on NVIDIA A100-SXM4-40GB (40.0 GiB) "
         "(gpu NVIDIA H100 80GB HBM3 -> NVIDIA A100-SXM4-40GB, gpu memory 80.0 GiB -> 40.0 GiB, "
@@ -242,7 +252,7 @@ def test_device_differences_are_one_warning_naming_each():
 def test_versions_and_device_type_differences_are_named():
     cpu = dict(H100, device_type="cpu", gpu_name=None, gpu_total_bytes=None,
                driver_version=None, torch_version="2.6.0", cuda_version=None)
-    [warning] = check_tuned(make_tuned(), MODEL, cpu, force=False)
+    [warning] = check_tuned(make_tuned(), MODEL.to_dict(), cpu, force=False)
     assert warning.startswith("tuned on NVIDIA H100 80GB HBM3 (80.0 GiB), running on "
                               "CPU (AMD EPYC 7R13, 16 usable cores)")
     for part in ("device type cuda -> cpu", "gpu memory 80.0 GiB -> none",
@@ -254,7 +264,7 @@ def test_versions_and_device_type_differences_are_named():
 def test_model_mismatch_raises_naming_the_fields():
     other = replace(MODEL, image_size=64, channels=8, weights=replace(MODEL.weights, ssim=0.2))
     with pytest.raises(CheckpointError) as info:
-        check_tuned(make_tuned(), other, dict(H100), force=False, path="runs/tuned.json")
+        check_tuned(make_tuned(), other.to_dict(), dict(H100), force=False, path="runs/tuned.json")
     assert str(info.value) == (
         "tuned file 'runs/tuned.json' was made for another model config "
         "(image_size 32 -> 64, channels 16 -> 8, weights.ssim 0.1 -> 0.2); "
@@ -264,7 +274,7 @@ def test_model_mismatch_raises_naming_the_fields():
 
 def test_force_turns_model_mismatch_into_a_warning():
     other = replace(MODEL, noise="dropout(0.3,0.3)")
-    warnings = check_tuned(make_tuned(), other, dict(H100), force=True)
+    warnings = check_tuned(make_tuned(), other.to_dict(), dict(H100), force=True)
     assert warnings == [
         "the tuned configuration was made for another model config "
         "(noise '' -> 'dropout(0.3,0.3)'); using it anyway (--force)"
@@ -324,8 +334,8 @@ def test_adascale_choice_needs_its_noise_scale():
 
 def test_rescale_adascale_for_world_size_uses_the_noise_scale():
     choice = make_choice(lr_rule="adascale", objective="goodput", noise_scale=48.0)
-    rescaled, _ = rescale_for_world_size(choice, 4)  # global batch 256 from 16
-    assert rescaled.lr_g == pytest.approx(1e-3 * (16 * (48 + 16) / (48 + 256)) ** 0.5)
+    rescaled, _ = rescale_for_world_size(choice, 4, REF, 16)  # global batch 256 from 16
+    assert rescaled.learning_rates["lr_g"] == pytest.approx(1e-3 * (16 * (48 + 16) / (48 + 256)) ** 0.5)
 
 
 def test_apply_tuned_without_workers_clears_prefetch():
@@ -340,7 +350,7 @@ def test_apply_tuned_without_workers_clears_prefetch():
 
 def test_same_world_size_is_unchanged():
     choice = make_choice()
-    assert rescale_for_world_size(choice, 1) == (choice, None)
+    assert rescale_for_world_size(choice, 1, REF, 16) == (choice, None)
 
 
 @pytest.mark.parametrize(
@@ -349,22 +359,23 @@ def test_same_world_size_is_unchanged():
 )
 def test_rescale_for_world_size(rule, expected_lr):
     choice = make_choice(lr_rule=rule)
-    rescaled, message = rescale_for_world_size(choice, 4)
+    rescaled, message = rescale_for_world_size(choice, 4, REF, 16)
     assert rescaled.world_size == 4
     assert rescaled.batch_size == 64
-    assert rescaled.lr_g == pytest.approx(expected_lr) and rescaled.lr_d == pytest.approx(expected_lr)
+    lrs = rescaled.learning_rates
+    assert lrs["lr_g"] == pytest.approx(expected_lr) and lrs["lr_d"] == pytest.approx(expected_lr)
     assert message.startswith("tuned for world size 1, running with 4: global batch 64 -> 256, ")
     assert rule in message
 
 
 def test_rescale_uses_the_reference_it_is_given():
-    rescaled, _ = rescale_for_world_size(make_choice(world_size=2), 1, base_lr=2e-4, base_batch=32)
-    assert rescaled.lr_g == pytest.approx(2e-4 * 64 / 32)
+    rescaled, _ = rescale_for_world_size(make_choice(world_size=2), 1, {"lr_g": 2e-4, "lr_d": 2e-4}, 32)
+    assert rescaled.learning_rates["lr_g"] == pytest.approx(2e-4 * 64 / 32)
 
 
 def test_rescale_refuses_a_bad_world_size():
     with pytest.raises(ConfigError, match="world size"):
-        rescale_for_world_size(make_choice(), 0)
+        rescale_for_world_size(make_choice(), 0, REF, 16)
 
 
 def test_saved_file_is_plain_json(tmp_path):

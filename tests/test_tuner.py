@@ -12,12 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 from arwgan.cli import app as train_app
-from autotune.cli import app as tune_app
+from arwgan.autotune_cli import app as tune_app
 from autotune.probes import FakeHostProbe, HostInfo
 from autotune.tuned import load_tuned
-from autotune.tuner import TuneConfig, Tuner, worker_candidates
+from arwgan.tuning import TuneConfig, Tuner
+from autotune.tuner import worker_candidates
 from autotune.timing import TimingConfig
-from helpers import assert_one_error_line
+from helpers import ARWGAN_RECORD, assert_one_error_line
 
 TINY_MODEL = ["--image-size", "16", "--message-bits", "4", "--channels", "8", "--noise", ""]
 # The trial budget is far above any trial here: it ends the batch growth after a slow
@@ -125,11 +126,11 @@ def test_tuning_writes_a_complete_tuned_file(tuned_run) -> None:
     noise = m["noise_scale"]
     assert noise["steps"] == 4 and noise["measured_at_step"] == 4 and noise["checkpoint"] is None
     if candidate["noise_scale"] is None:  # an estimate that says nothing: reference batch, rate kept
-        assert (candidate["lr_rule"], candidate["lr_g"]) == ("none", pytest.approx(1e-3))
+        assert (candidate["lr_rule"], candidate["learning_rates"]["lr_g"]) == ("none", pytest.approx(1e-3))
     else:
         assert candidate["lr_rule"] == "adascale" and candidate["noise_scale"] == noise["decided_with"]
         b, n = candidate["batch_size"], candidate["noise_scale"]
-        assert candidate["lr_g"] == pytest.approx(1e-3 * (b / 16 * (n + 16) / (n + b)) ** 0.5)
+        assert candidate["learning_rates"]["lr_g"] == pytest.approx(1e-3 * (b / 16 * (n + 16) / (n + b)) ** 0.5)
         assert m["goodput"]["chosen_batch"] == candidate["batch_size"]
         assert "to the same training progress" in m["goodput_verdict"]
     if verdict["keep_candidate"]:
@@ -171,7 +172,7 @@ def test_train_from_tuned_uses_the_tuned_configuration(tuned_run, tiny_data_dir:
     assert saved["loader"]["batch_size"] == tuned.choice.batch_size
     assert saved["loader"]["num_workers"] == tuned.choice.num_workers
     assert saved["precision"] == tuned.choice.precision
-    assert saved["optim"]["lr_g"] == pytest.approx(tuned.choice.lr_g)
+    assert saved["optim"]["lr_g"] == pytest.approx(tuned.choice.learning_rates["lr_g"])
     assert saved["model"] == tuned.model
     assert saved["cpu_threads"] == tuned.choice.cpu_threads
     assert saved["channels_last"] == tuned.choice.channels_last
@@ -209,7 +210,7 @@ def hand_tuned(tmp_path: Path) -> Path:
     model = ModelConfig(image_size=16, message_bits=4, channels=8, noise="")
     choice = TunedChoice(
         batch_size=4, num_workers=0, pin_memory=False, persistent_workers=False,
-        prefetch_factor=None, precision="fp32", lr_g=2.5e-4, lr_d=2.5e-4, warmup_steps=0,
+        prefetch_factor=None, precision="fp32", learning_rates={"lr_g": 2.5e-4, "lr_d": 2.5e-4}, warmup_steps=0,
         lr_rule="linear", objective="throughput", world_size=1,
     )
     path = tmp_path / "hand" / "tuned.json"
@@ -217,7 +218,7 @@ def hand_tuned(tmp_path: Path) -> Path:
         schema_version=SCHEMA_VERSION, created_utc="2025-01-01T00:00:00+00:00",
         device={"device_type": "cpu"}, model=model.to_dict(),
         model_fingerprint=model.fingerprint(), choice=choice, measurements={},
-        tool_version="test",
+        tool_version="test", workload=dict(ARWGAN_RECORD),
     ))
     return path
 
@@ -276,7 +277,7 @@ def test_force_accepts_a_tuned_file_for_another_model(tuned_run, tiny_data_dir: 
     ("edit", "fragment"),
     [
         (lambda d: d["choice"].update(batch_size=0), "batch"),
-        (lambda d: d["choice"].update(lr_g=-1.0), "lr_g"),
+        (lambda d: d["choice"]["learning_rates"].update(lr_g=-1.0), "lr_g"),
         (lambda d: d["choice"].update(precision="fp8"), "precision"),
         (lambda d: d.update(schema_version=99), "schema"),
     ],

@@ -8,13 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
+
+from autotune.workload import LoaderSettings
+
+from helpers import arwgan_ref
 import torch
 
-from arwgan.config import LoaderConfig, ModelConfig, TrainConfig
+from arwgan.config import ModelConfig
 from autotune.probes import TorchCudaProbe, describe_machine, real_probes, select_gpu
 from autotune.timing import TimingConfig
 from autotune.trial import TrialSpec, run_trial_subprocess
-from autotune.tuner import TuneConfig, Tuner
+from arwgan.tuning import TuneConfig, Tuner
 
 TINY = ModelConfig(image_size=16, message_bits=4, channels=8, noise="")
 MiB = 2**20
@@ -25,7 +29,7 @@ def test_cpu_trial_past_its_memory_limit_is_stopped_and_reported_as_oom() -> Non
     trial would finish fine; with it, the trial process is stopped and the outcome is an
     OOM that names the limit (an OOM ends the batch growth; an error would abort)."""
     spec = TrialSpec(
-        model=TINY.to_dict(), precision="fp32", device="cpu", batch=2,
+        workload=arwgan_ref(TINY), precision="fp32", device="cpu", batch=2,
         timing=TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1).to_dict(),
         memory_limit_bytes=64 * MiB,
     )
@@ -46,20 +50,17 @@ def test_the_verdict_runs_the_seed_default_and_the_recommendation(
     ran: list[dict] = []
     speeds = {16: 50.0, 48: 150.0}
 
-    def fake_speed(gan, loader, steps, **kwargs):
+    def fake_speed(step, loader, steps, **kwargs):
         ran.append({
             "batch": loader.batch_size, "workers": loader.num_workers,
-            "pin_memory": loader.pin_memory, "precision": gan.precision,
+            "pin_memory": loader.pin_memory, "precision": step.gan.precision,
         })
         return speeds[loader.batch_size]
 
     monkeypatch.setattr(autotune.tuner, "training_images_per_s", fake_speed)
     tuner = Tuner(TuneConfig(model=TINY, data_dir=str(tiny_data_dir), device="cpu",
                              compare_rounds=1, compare_steps=3))
-    recommended = TrainConfig(
-        model=TINY, loader=LoaderConfig(batch_size=48, num_workers=1), precision="bf16"
-    )
-    verdict = tuner.compare(recommended)
+    verdict = tuner.compare(LoaderSettings(batch_size=48, num_workers=1), "bf16")
     seed = {"batch": 16, "workers": 4, "pin_memory": False, "precision": "fp32"}
     mine = {"batch": 48, "workers": 1, "pin_memory": False, "precision": "bf16"}
     assert sorted(ran, key=lambda r: r["batch"]) == [seed, mine]

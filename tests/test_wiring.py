@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from helpers import ARWGAN_RECORD, arwgan_ref
 import torch
 from rich.console import Console
 
@@ -18,7 +20,8 @@ from arwgan.config import ModelConfig, TrainConfig
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, FakeTorchCudaProbe, HostInfo, Probes
 from autotune.timing import STOPS, TimingConfig
 from autotune.trial import TrialMeasurement, TrialSpec, run_trial
-from autotune.tuner import REFERENCE_BATCH, TuneConfig, Tuner
+from arwgan.tuning import TuneConfig, Tuner
+from arwgan.workload import REFERENCE_BATCH
 
 TINY = ModelConfig(image_size=16, message_bits=4, channels=8, noise="")
 FAST_TIMING = TimingConfig(min_samples=2, max_samples=2, min_seconds=0.0, warmup_steps=1)
@@ -103,7 +106,8 @@ def test_cpu_trials_share_one_preimported_server_closed_with_the_tuner(tiny_data
     tuner.trial(2, "fp32")
     tuner.trial(4, "fp32")
     assert FakeServer.started == 1 and calls[0][1] is calls[1][1]
-    assert calls[0][1].preload == ("torch", "autotune.trial", "arwgan.step")
+    assert calls[0][1].preload == ("torch", "autotune.trial", "autotune.workload", "arwgan.workload",
+                                      "arwgan.step")
     tuner.close()
     assert FakeServer.closed == 1
 
@@ -124,7 +128,7 @@ def test_the_server_is_closed_when_the_run_fails(tiny_data_dir, monkeypatch):
 
 
 def test_a_trial_is_timed_adaptively_and_records_its_interval():
-    spec = TrialSpec(model=TINY.to_dict(), precision="fp32", device="cpu", batch=4,
+    spec = TrialSpec(workload=arwgan_ref(TINY), precision="fp32", device="cpu", batch=4,
                      timing=dict(min_samples=3, max_samples=3, min_seconds=0.0, warmup_steps=1))
     m = run_trial(spec)
     assert m.ok and m.images_per_s > 0
@@ -190,13 +194,13 @@ def test_unusable_noise_scale_keeps_the_reference_batch(tiny_data_dir):
     fake_curve(tuner, RISING)
     result = tuner.search("fp32")
     assert result.chosen == REFERENCE_BATCH
-    assert tuner.lr_rule() == ("none", None) and tuner.lr(64) == pytest.approx(1e-3)
+    assert tuner.lr_rule() == ("none", None) and tuner.lrs(64)["lr_g"] == pytest.approx(1e-3)
 
 
 def test_adascale_learning_rate_follows_the_noise_scale(tiny_data_dir):
     tuner = cpu_tuner(tiny_data_dir)
     tuner.noise_scale = 48.0
-    assert tuner.lr(64) == pytest.approx(1e-3 * (4 * 64 / 112) ** 0.5)
+    assert tuner.lrs(64)["lr_g"] == pytest.approx(1e-3 * (4 * 64 / 112) ** 0.5)
 
 
 @pytest.mark.slow
@@ -284,7 +288,7 @@ def goodput_result():
     from autotune.tuned import SCHEMA_VERSION, TunedChoice, TunedFile
 
     choice = TunedChoice(batch_size=32, num_workers=0, pin_memory=False, persistent_workers=False,
-                         prefetch_factor=None, precision="bf16", lr_g=1.2e-3, lr_d=1.2e-3,
+                         prefetch_factor=None, precision="bf16", learning_rates={"lr_g": 1.2e-3, "lr_d": 1.2e-3},
                          warmup_steps=120, lr_rule="adascale", objective="goodput", noise_scale=32.0,
                          cpu_threads=1)
     trials = [dict(batch=16, ok=True, peak_bytes=2**30, images_per_s=50.0, seconds=1.0, reason="ok",
@@ -313,7 +317,7 @@ def goodput_result():
     }
     tuned = TunedFile(schema_version=SCHEMA_VERSION, created_utc="now", device={}, model=TINY.to_dict(),
                       model_fingerprint=TINY.fingerprint(), choice=choice, measurements=measurements,
-                      tool_version="test")
+                      tool_version="test", workload=dict(ARWGAN_RECORD))
     return result_from_tuned(tuned)
 
 
@@ -415,7 +419,7 @@ def test_a_forked_cuda_trial_sets_its_device_and_cap_first(monkeypatch):
 
     monkeypatch.setattr(autotune.device, "CudaDevice", Cuda)
     monkeypatch.setattr(autotune.trial, "run_trial", trial)
-    spec = TrialSpec(model=TINY.to_dict(), precision="fp32", device="cuda:1", batch=8,
+    spec = TrialSpec(workload=arwgan_ref(TINY), precision="fp32", device="cuda:1", batch=8,
                      memory_fraction=0.5)
     from dataclasses import asdict
 
@@ -431,7 +435,7 @@ def test_a_forked_cuda_trial_sets_its_device_and_cap_first(monkeypatch):
 def test_new_cli_flags_fail_in_one_line(flags, fragment):
     from typer.testing import CliRunner
 
-    from autotune.cli import app
+    from arwgan.autotune_cli import app
     from helpers import assert_one_error_line
 
     result = CliRunner().invoke(app, ["--device", "cpu", *flags])

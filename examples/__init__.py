@@ -1,0 +1,1 @@
+"""Workloads outside ARWGAN that the engine tunes (docs/library.md)."""
