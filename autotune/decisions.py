@@ -231,7 +231,7 @@ class Verdict:
 
 def judge_recommendation(
     seed_images_per_s: float | None, candidate_images_per_s: float | None, objective: str,
-    efficiency: float = 1.0, baseline: str = "seed default",
+    efficiency: float = 1.0, baseline: str = "seed default", same_as_baseline: bool = False,
 ) -> Verdict:
     """The verdict on a tuning run from its end-to-end comparison.
 
@@ -243,6 +243,8 @@ def judge_recommendation(
     says so. For ``memory`` the candidate was chosen for its size, not its speed, so it is
     kept and a slowdown is stated plainly. A seed default that could not run at all leaves
     the candidate. ``baseline`` names it in the messages (a workload's baseline label).
+    ``same_as_baseline``: the candidate is the baseline's own configuration, so the two
+    timings differ by the comparison's noise alone; it is kept, and said to be the same.
     """
     def usable(value: float | None) -> bool:
         return value is not None and math.isfinite(value) and value > 0
@@ -255,6 +257,11 @@ def judge_recommendation(
         return Verdict(keep, None, "the candidate could not be timed end to end; "
                        + ("kept for --objective memory" if keep else f"the tuned file holds the {baseline}"))
     speedup = candidate_images_per_s * efficiency / seed_images_per_s
+    if same_as_baseline:
+        return Verdict(True, speedup, (
+            f"the recommendation is the {baseline}'s own configuration: the measurements found "
+            f"nothing faster, and the {speedup:.2f}x between two runs of it is the comparison's noise"
+        ))
     if speedup > 1.0:
         return Verdict(True, speedup, "")
     if efficiency != 1.0:

@@ -1084,7 +1084,8 @@ class Tuner:
                       if cfg.objective == "goodput" and self.goodput is not None else 1.0)
         verdict = judge_recommendation(comparison["seed_default_images_per_s"],
                                        comparison["recommended_images_per_s"], cfg.objective,
-                                       efficiency=efficiency, baseline=self.baseline.label)
+                                       efficiency=efficiency, baseline=self.baseline.label,
+                                       same_as_baseline=self._same_as_baseline(choice))
         candidate, choice = choice, choice if verdict.keep_candidate else self.seed_choice(world)
         self.warnings += [verdict.message] if verdict.message else []
         measurements = {
@@ -1153,6 +1154,18 @@ class Tuner:
             tool_version=_tool_version(),
         )
         return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
+
+    def _same_as_baseline(self, choice: TunedChoice) -> bool:
+        """Does ``choice`` train exactly as the baseline does (loader, precision, memory
+        format, threads left at torch's default, no compile)?"""
+        base = self.baseline.loader()
+        return (
+            (choice.batch_size, choice.num_workers, choice.pin_memory, choice.precision)
+            == (base.batch_size, base.num_workers, base.pin_memory, self.baseline.precision)
+            and (choice.num_workers == 0 or choice.prefetch_factor == base.prefetch_factor)
+            and not choice.channels_last and not choice.compile
+            and choice.cpu_threads in (None, torch.get_num_threads())
+        )
 
     def workload_record(self) -> dict:
         """What the tuned file says about the workload: its name, how to rebuild it, the

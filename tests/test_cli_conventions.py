@@ -388,6 +388,15 @@ def test_a_candidate_not_faster_than_the_seed_default_is_not_recommended() -> No
     assert judge_recommendation(float("nan"), 50.0, "throughput").keep_candidate
 
 
+def test_a_candidate_that_is_the_baseline_is_called_the_same_not_faster_or_slower() -> None:
+    """Two runs of one configuration differ by noise: neither a speed-up nor a fallback."""
+    for candidate in (80.0, 120.0):
+        same = judge_recommendation(100.0, candidate, "throughput", baseline="baseline",
+                                    same_as_baseline=True)
+        assert same.keep_candidate and "the baseline's own configuration" in same.message
+        assert "noise" in same.message
+
+
 def test_under_goodput_the_verdict_weighs_images_per_second_by_efficiency() -> None:
     # 1.5x the images/s at 0.6 efficiency is 0.9x the training progress per second.
     behind = judge_recommendation(100.0, 150.0, "goodput", efficiency=0.6)

@@ -364,3 +364,23 @@ def test_the_library_doc_example_runs(tmp_path: Path) -> None:
     assert "Recommendation" in done.stderr  # the tables are for humans: stderr
     assert "trained 3 steps at batch" in done.stdout
     assert "no reference" in done.stderr  # the in-process warning is shown
+
+
+def test_a_choice_equal_to_the_baseline_is_recognised() -> None:
+    from autotune.tuned import TunedChoice
+    from autotune.tuner import Tuner
+
+    tuner = Tuner(ToyRegression(), autotune.TuneConfig(device="cpu", objective="throughput"))
+
+    def choice(**changes):
+        values = dict(batch_size=8, num_workers=0, pin_memory=False, persistent_workers=False,
+                      prefetch_factor=None, precision="fp32", learning_rates={"lr": 1e-2},
+                      warmup_steps=0, lr_rule="linear", objective="throughput")
+        return TunedChoice(**{**values, **changes})
+
+    assert tuner._same_as_baseline(choice())
+    assert tuner._same_as_baseline(choice(cpu_threads=torch.get_num_threads()))
+    for changed in (dict(batch_size=16), dict(precision="bf16"), dict(channels_last=True),
+                    dict(num_workers=2, prefetch_factor=2, persistent_workers=True),
+                    dict(compile=True), dict(cpu_threads=torch.get_num_threads() + 1)):
+        assert not tuner._same_as_baseline(choice(**changed)), changed
