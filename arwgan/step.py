@@ -161,7 +161,10 @@ class GANStep:
         torch.manual_seed(seed)
         self.nets = Networks(model_cfg, noise_seed=seed).to(device)
         if channels_last:
-            self.nets.to(memory_format=torch.channels_last)
+            # The convolutional networks only: the noise layers hold 2-D buffers (JPEG's
+            # DCT and zigzag tables) that have no channels_last layout.
+            for module in (self.nets.encoder, self.nets.decoder, self.nets.discriminator):
+                module.to(memory_format=torch.channels_last)
         if sync_bn:
             # Converted in place: the new layers keep the same parameters, buffers and
             # state_dict keys, so checkpoints move freely between the two.

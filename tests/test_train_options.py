@@ -98,3 +98,18 @@ def test_bad_option_values_are_config_errors(fields, fragment) -> None:
         ModelConfig(**fields)
     with pytest.raises(ConfigError, match="d_every must be a positive integer"):
         OptimConfig(d_every=0)
+
+
+@pytest.mark.parametrize("noise", ["jpeg()", "Jpeg(0)", "jpeg()+dropout(0.5,0.6)"])
+def test_channels_last_trains_with_noise_layers_that_hold_2d_buffers(noise: str) -> None:
+    """channels_last applies to the convolutional networks only: JPEG's 2-D tables have
+    no channels_last layout, and converting the whole model refused to build."""
+    gan = _gan(noise)
+    layered = GANStep(gan.model_cfg, OptimConfig(), "fp32", torch.device("cpu"), seed=0,
+                      channels_last=True)
+    weight = layered.nets.encoder.state_dict()
+    convs = [t for t in weight.values() if t.dim() == 4]
+    assert convs and all(t.is_contiguous(memory_format=torch.channels_last) for t in convs)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    result = layered(*layered.to_device(images, torch.randint(0, 2, (2, gan.model_cfg.message_bits)).float()))
+    assert torch.isfinite(result.g_loss)
