@@ -231,7 +231,9 @@ def recommendation_table(result: TuneResult) -> Table:
     workers = {(w.workers, w.prefetch_factor): w.images_per_s for w in result.workers}
     seed_w = workers.get((seed_loader.num_workers, seed_loader.prefetch_factor))
     rec_w = workers.get((c.num_workers, c.prefetch_factor))
-    worker_effect = f"{_fmt_rate(rec_w)} vs {_fmt_rate(seed_w)} images/s at the chosen batch" if seed_w and rec_w else ""
+    worker_batch = result.tuned.measurements.get("worker_batch")
+    at = f"batch {worker_batch}" if worker_batch and worker_batch != c.batch_size else "the chosen batch"
+    worker_effect = f"{_fmt_rate(rec_w)} vs {_fmt_rate(seed_w)} images/s at {at}" if seed_w and rec_w else ""
     batch_text = str(c.batch_size)
     if c.world_size > 1:
         limiting = result.tuned.measurements.get("limiting_rank")

@@ -118,6 +118,8 @@ TRIAL_PRELOAD = ("torch", "autotune.trial", "autotune.workload")
 #: The noise phase: micro-batches of the reference batch, this many per measurement
 #: (BatchNorm sees the reference batch; their mean is a batch of 64).
 NOISE_MICRO_BATCHES = 4
+#: CPU threads x workers are measured at most at this multiple of the reference batch.
+PAIR_BATCH_FACTOR = 4
 #: Goodput candidates within this share of the best count as tied (the smallest wins).
 GOODPUT_TOLERANCE = 0.03
 
@@ -723,10 +725,19 @@ class Tuner:
     def measure_threads_workers(self, batch: int, precision: str) -> tuple[list[WorkerMeasurement], KnobDecision]:
         """CPU: intra-op threads x DataLoader workers, end to end (they share the cores).
         Returns the worker measurements at all threads (the workers table) followed by
-        the chosen pair as a :class:`WorkerMeasurement`, and the knob decision."""
+        the chosen pair as a :class:`WorkerMeasurement`, and the knob decision.
+
+        Measured at ``min(batch, PAIR_BATCH_FACTOR x the reference batch)``: per image,
+        both the step's compute and the loader's decoding scale with the batch, so the
+        pair that wins there wins at the chosen batch, and each of the five or so
+        end-to-end measurements (with its queue-draining warm-up) no longer costs a
+        large batch's steps (130 s of a 320 s tuning at batch 256 on the 2-core
+        machine). The comparison phase then times the chosen pair at the chosen batch."""
         cores = max(1, self.host.usable_cores // self.dist.local_world_size)
+        shm_limit = self._shm_worker_limit(batch)  # what the chosen batch will put in flight
+        batch = min(batch, PAIR_BATCH_FACTOR * self.reference_batch)
+        self.worker_batch = batch
         steps = self.steps_for(batch, self.cfg.worker_steps)
-        shm_limit = self._shm_worker_limit(batch)
         candidates = [(t, w) for t, w in thread_worker_candidates(cores)
                       if (self.cfg.max_workers is None or w <= self.cfg.max_workers)
                       and (shm_limit is None or w * 2 <= shm_limit)]
@@ -744,6 +755,7 @@ class Tuner:
         if not measured:
             raise ConfigError(f"no threads x workers setting could train: {failed}")
         decision = choose_threads_workers(measured)
+        decision.measured["batch"] = batch
         if failed:
             decision.measured["failed"] = failed
         workers = [WorkerMeasurement(m.workers, 2 if m.workers else None, m.rate.images_per_s)
@@ -1098,6 +1110,7 @@ class Tuner:
             "trials": [asdict(t) for t in self.trials_run],
             "workers": [asdict(w) for w in workers],
             "worker_mode": "loader alone vs step consumption" if consumption else "end to end",
+            "worker_batch": getattr(self, "worker_batch", batch),
             "step_images_per_s": chosen_trial.images_per_s,
             "memory_before_search_bytes": memory_before,
             "memory_after_search_bytes": memory_after,

@@ -282,6 +282,24 @@ def test_cpu_threads_and_workers_are_measured_together(tiny_data_dir):
     assert workers[-1].workers == decision.value["workers"]
 
 
+@pytest.mark.parametrize(("batch", "measured_at"), [(256, 64), (64, 64), (8, 8)])
+def test_threads_and_workers_are_measured_at_a_capped_batch(tiny_data_dir, monkeypatch, batch, measured_at):
+    """Per image the step and the loader both scale with the batch: the pairs are timed at
+    most at 4 x the reference batch, not at the chosen one (130 s of a 320 s tuning)."""
+    tuner = cpu_tuner(tiny_data_dir, max_workers=1)
+    seen = []
+
+    def speed(step, loader_cfg, steps):
+        seen.append(loader_cfg.batch_size)
+        return 100.0 + loader_cfg.num_workers
+
+    monkeypatch.setattr(tuner, "_worker_speed", speed)
+    monkeypatch.setattr(tuner, "_step", lambda precision, b, channels_last=None: object())
+    _, decision = tuner.measure_threads_workers(batch, "fp32")
+    assert seen and set(seen) == {measured_at}
+    assert decision.measured["batch"] == measured_at and tuner.worker_batch == measured_at
+
+
 # -- tables ---------------------------------------------------------------------------------------
 def goodput_result():
     from autotune.report import result_from_tuned
