@@ -24,14 +24,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from autotune.decisions import LR_RULES, PRECISIONS
 from autotune.commands import CONTEXT_SETTINGS, VersionFlag, entry_point, fail, typer_app
 from autotune.console import console, say, status
 from autotune.errors import UserError
 from autotune.outputs import check_output_file, os_reason, require_module
 
 DEFAULT_OUT = Path("runs/tuned.json")
-PRECISIONS = ("fp32", "bf16", "fp16")
-LR_RULES = ("linear", "sqrt", "none", "adascale")
 
 # Choices are enums so that click checks them while parsing (before torch is imported).
 Objective = Enum("Objective", {name: name for name in ("goodput", "throughput", "memory")}, type=str)

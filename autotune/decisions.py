@@ -35,6 +35,8 @@ __all__ = [
 #: gain from the measured gradient noise scale, to the power 0.5 for Adam:
 #: :func:`autotune.goodput.gain`; needs that noise scale).
 LR_RULES = ("linear", "sqrt", "none", "adascale")
+#: Training precisions: fp32, bf16 autocast, fp16 autocast with a gradient scaler.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 #: Above this learning-rate multiplier, warn: large jumps are where GAN training diverges.
 LR_WARNING_FACTOR = 8.0

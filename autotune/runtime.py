@@ -8,13 +8,11 @@ import contextlib
 
 import torch
 
+from autotune.decisions import PRECISIONS
 from autotune.errors import ConfigError, GpuNotUsable
 
 __all__ = ["AUTOCAST_DTYPES", "PRECISIONS", "autocast", "check_gpu_usable", "check_precision",
            "resolve_device"]
-
-#: Training precisions: fp32, bf16 autocast, fp16 autocast with a gradient scaler.
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

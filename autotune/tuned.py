@@ -20,11 +20,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from autotune.decisions import LR_RULES, scale_lr
+from autotune.decisions import LR_RULES, PRECISIONS, scale_lr
 from autotune.errors import CheckpointError, ConfigError
 from autotune.outputs import atomic_write_bytes
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 __all__ = [
     "OBJECTIVES",
