@@ -5,11 +5,16 @@ Here a measurement takes *samples* (each the wall time of ``steps_per_sample`` s
 device synchronised at both ends) until the 95 % confidence interval of the mean
 sample time is narrower than ``rel_ci`` of it, with a floor and a ceiling:
 
-- floor: at least ``min_samples`` samples and ``min_seconds`` of timed work, always
-  (five samples: below that, Student's t makes every interval wide and one outlier
-  decides);
+- floor: at least ``min_samples`` samples and ``min_seconds`` of timed work before a
+  measurement may converge (five samples: below that, Student's t makes every interval
+  wide and one outlier decides);
 - ceiling: stop after ``max_samples`` samples or ``max_seconds`` of timed work
-  (whichever first, once the floor is met), recorded as not converged.
+  (whichever first), recorded as not converged. The time ceiling gives way to the
+  sample floor only down to ``min_slow_samples`` (3): a step so slow that five samples
+  would overrun ``max_seconds`` (a large batch of a big model on a CPU, where one
+  sample is a whole cycle of several-second steps) stops at three samples instead of
+  costing five. Its interval is then wide, and says so in the table; a search reads
+  it as "not clearly different".
 
 Images/s is ``images_per_sample * n / sum(samples)`` (a mean rate: a training run pays
 for its slow steps too, so no outlier is dropped); its relative interval is the
@@ -94,7 +99,11 @@ class TimingConfig:
     rel_ci: float = 0.03
     """Stop once the 95 % interval of images/s is within this fraction (0.03: +-3 %)."""
     min_samples: int = 5
-    """Floor: never fewer samples, whatever the time ceiling says."""
+    """Floor: never converged with fewer samples."""
+    min_slow_samples: int = 3
+    """Floor under the time ceiling: past ``max_seconds`` a measurement stops once it has
+    this many samples (at most ``min_samples``), so that a slow step costs three samples,
+    not five."""
     max_samples: int = 200
     """Ceiling on samples (recorded as ``max_samples`` when it stops the measurement)."""
     min_seconds: float = 0.5
@@ -112,6 +121,8 @@ class TimingConfig:
                  f"timing tolerance must be in (0, 1), got {self.rel_ci!r}")
         _require(_is_int(self.min_samples) and self.min_samples >= 2,
                  f"min samples must be an integer >= 2, got {self.min_samples!r}")
+        _require(_is_int(self.min_slow_samples) and self.min_slow_samples >= 2,
+                 f"min slow samples must be an integer >= 2, got {self.min_slow_samples!r}")
         _require(_is_int(self.max_samples) and self.max_samples >= self.min_samples,
                  f"max samples must be an integer >= min samples ({self.min_samples}), "
                  f"got {self.max_samples!r}")
@@ -132,16 +143,15 @@ class TimingConfig:
 def timing_verdict(samples_s: Sequence[float], cfg: TimingConfig) -> str | None:
     """One of :data:`STOPS` once the measurement should stop; None to take another sample."""
     n = len(samples_s)
-    if n < cfg.min_samples:
-        return None
     total = sum(samples_s)
-    if total >= cfg.min_seconds:
-        ci = relative_ci(samples_s)
-        if ci is not None and ci <= cfg.rel_ci:
-            return "converged"
-    if n >= cfg.max_samples:
-        return "max_samples"
-    if total >= cfg.max_seconds:
+    if n >= cfg.min_samples:
+        if total >= cfg.min_seconds:
+            ci = relative_ci(samples_s)
+            if ci is not None and ci <= cfg.rel_ci:
+                return "converged"
+        if n >= cfg.max_samples:
+            return "max_samples"
+    if total >= cfg.max_seconds and n >= min(cfg.min_slow_samples, cfg.min_samples):
         return "max_seconds"
     return None
 
@@ -179,10 +189,15 @@ def time_adaptively(
     sync: Callable[[], None] | None = None,
     steps_per_sample: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    sample_multiple: int = 1,
 ) -> TimingResult:
     """Run ``step`` until its images/s is known within ``cfg.rel_ci`` (see the module).
 
     ``sync`` waits for the device (``torch.cuda.synchronize``); None on a CPU.
+    ``sample_multiple``: the measurement stops only after a multiple of this many
+    samples (a step whose work cycles through k variants, timed one step a sample
+    because a whole cycle would be too long a sample, stops on whole cycles, so the
+    rate is every variant's in equal parts).
     ``steps_per_sample`` None sizes a sample from the last warm-up step (at least
     ``cfg.min_sample_seconds``; one step without warm-up). ``clock`` is injectable
     for tests. An exception from ``step`` propagates (an OOM is the caller's to
@@ -207,6 +222,8 @@ def time_adaptively(
                             if last_step_s > 0 else 1)
     elif not (_is_int(steps_per_sample) and steps_per_sample >= 1):
         raise ValueError(f"steps per sample must be an integer >= 1, got {steps_per_sample!r}")
+    if not (_is_int(sample_multiple) and sample_multiple >= 1):
+        raise ValueError(f"sample multiple must be an integer >= 1, got {sample_multiple!r}")
 
     samples: list[float] = []
     while True:
@@ -215,7 +232,7 @@ def time_adaptively(
             step()
         wait()
         samples.append(clock() - start)
-        stop = timing_verdict(samples, cfg)
+        stop = timing_verdict(samples, cfg) if len(samples) % sample_multiple == 0 else None
         if stop is not None:
             break
     seconds = sum(samples)

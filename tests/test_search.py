@@ -19,6 +19,7 @@ from autotune.search import (
     choose_batch,
     clearly_below,
     fit_peak_memory,
+    plateau_reached,
     peak_passed,
     resolution,
     search_batch,
@@ -317,8 +318,9 @@ def test_single_trial():
 # (g) the time budget ---------------------------------------------------------------------------
 
 def test_slow_success_stops_growth_and_is_kept():
+    # (--find-edge: no look-ahead, the budget acts on trials that ran.)
     trial = FakeTrial(seconds=lambda b: b / 100)
-    result = run(trial, trial_time_budget_s=1.0)
+    result = run(trial, trial_time_budget_s=1.0, find_edge=True)
     assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
     assert result.stop_reason == "trial at batch 128 took 1.28 s > budget 1 s"
     assert result.trials[-1].ok and result.trials[-1].reason == "ok"
@@ -329,9 +331,27 @@ def test_slow_failure_does_not_stop_bisection_but_slow_success_does():
     # 128 OOMs after 1.28 s: only a failure, later trials are smaller. 96 fits but takes
     # 0.96 s > 0.9 s: the next trial (112) would be larger still, so the search ends.
     trial = FakeTrial(oom_above=100, seconds=lambda b: b / 100)
-    result = run(trial, use_fit=False, trial_time_budget_s=0.9)
+    result = run(trial, use_fit=False, trial_time_budget_s=0.9, find_edge=True)
     assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 96]
     assert result.stop_reason == "trial at batch 96 took 0.96 s > budget 0.9 s"
+    assert result.chosen == 96
+
+
+def test_a_trial_predicted_over_budget_is_not_started():
+    # Past-the-peak searches look ahead: 64 took 0.64 s, so 128 would take about 1.28 s
+    # x 1.25 (the margin) = 1.6 s > 1.5 s; the search ends with 64 and never pays for 128.
+    trial = FakeTrial(seconds=lambda b: b / 100)
+    result = run(trial, trial_time_budget_s=1.5)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert result.stop_reason == "batch 128 would take about 1.6 s > budget 1.5 s (batch 64 took 0.64 s)"
+    assert result.chosen == 64
+    # Bisection looks ahead from the largest success below: trials take 0.2 s up to 64,
+    # so 128 (predicted 0.5 s) runs and OOMs; 96 (predicted 0.375 s) fits but takes
+    # 0.96 s; 112, predicted 0.96 x 112/96 x 1.25 = 1.4 s from 96, is not started.
+    trial = FakeTrial(oom_above=100, seconds=lambda b: 0.2 if b <= 64 else b / 100)
+    result = run(trial, use_fit=False, trial_time_budget_s=1.0, max_batch=128)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 96]
+    assert result.stop_reason.startswith("batch 112 would take about 1.4 s > budget 1 s")
     assert result.chosen == 96
 
 
@@ -520,18 +540,78 @@ def test_find_edge_or_objective_memory_search_the_edge_anyway(cfg):
     assert result.chosen == (64 if cfg.get("find_edge") else 992)
 
 
-def test_one_noisy_dip_that_recovers_does_not_stop():
-    # 128 dips to 95 (clearly below 110) but 256 recovers to a new best (112): no stop.
+@pytest.mark.parametrize("recovery,rules", [
+    # 128 dips to 95 (clearly below 110) but 256 recovers to a new best (112): the decline
+    # rule alone (min_gain 0 turns the plateau rule off) does not stop.
+    (112.0, {"min_gain": 0.0}),
+    # With both rules: 256 recovers to a clear gain over 64 (125 > 110 x 1.05), so
+    # neither rule stops.
+    (125.0, {}),
+])
+def test_one_noisy_dip_that_recovers_does_not_stop(recovery, rules):
     # 512 (100) is the first decline from 256; 1024, 768 and 640 OOM (above 600), which
     # says nothing about speed; 576 (98) is the second successive decline: stop.
-    ips = {**RISING, 128: 95.0, 256: 112.0, 512: 100.0, 576: 98.0}
+    ips = {**RISING, 128: 95.0, 256: recovery, 512: 100.0, 576: 98.0}
     trial = FakeTrial(ips=ips, oom_above=600)
-    result = run(trial)
+    result = run(trial, **rules)
     assert trial.calls == GROWTH + [128, 256, 512, 1024, 768, 640, 576]
     assert result.chosen == 256
     assert result.stop_reason == (
         "memory edge not searched: throughput peaked at 256; batch 512, 576 clearly below"
     )
+
+
+def test_a_dip_then_a_flat_recovery_is_a_plateau():
+    # The first curve with both rules: 128 (95) and 256 (112) together gain 1.8 % over
+    # 64 (110): diminishing returns, stop at once. The choice is the one the longer
+    # search made (256, the largest within 3 % of the best).
+    ips = {**RISING, 128: 95.0, 256: 112.0, 512: 100.0, 576: 98.0}
+    trial = FakeTrial(ips=ips, oom_above=600)
+    result = run(trial)
+    assert trial.calls == GROWTH + [128, 256]
+    assert result.chosen == 256
+    assert result.peak_batch == 64
+    assert result.stop_reason == (
+        "memory edge not searched: throughput flat past 64; batch 128, 256 within 5 % of it"
+    )
+
+
+def test_a_slowly_rising_curve_keeps_growing():
+    # +6 % per doubling from 64 on: every pair of doublings gains more than 5 %.
+    ips = {**RISING, 128: 116.6, 256: 123.6, 512: 131.0, 1024: 138.9}
+    trial = FakeTrial(ips=ips, oom_above=5000)
+    result = run(trial, max_batch=1024)
+    assert trial.calls == GROWTH + [128, 256, 512, 1024]
+    assert result.stop_reason == "reached max batch 1024"
+    assert result.chosen == 1024
+
+
+def test_the_48x48_cpu_curve_stops_on_its_plateau():
+    # bf16 images/s measured on the 48x48 shape (docs/results.md grid, 0 workers):
+    # flat from 8 on. 16 gains 6 % over 8, then 32 and 64 gain nothing over 16.
+    ips = {1: 11.0, 2: 21.0, 4: 25.0, 8: 34.0, 16: 36.0, 32: 34.0, 64: 36.0, 128: 35.0}
+    trial = FakeTrial(ips=ips, oom_above=5000)
+    result = run(trial, max_batch=4096)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert result.chosen == 64  # the largest within 3 % of the best
+    assert result.stop_reason == (
+        "memory edge not searched: throughput flat past 16; batch 32, 64 within 5 % of it"
+    )
+
+
+def test_plateau_reached_rules():
+    def ok(batch, ips):
+        return TrialOutcome(batch, True, None, ips, 0.1, "ok")
+
+    failed = TrialOutcome(512, False, None, None, 0.1, "oom")
+    flat = [ok(16, 100.0), ok(32, 104.0), ok(64, 101.0)]
+    assert plateau_reached(flat) == 16
+    assert plateau_reached(flat[:2]) is None                       # nothing before the tail
+    assert plateau_reached(flat + [failed]) == 16                  # failures say nothing
+    assert plateau_reached(flat, min_gain=0.0) is None             # rule off
+    assert plateau_reached(flat, min_gain=0.03) is None            # 104 is a 4 % gain
+    assert plateau_reached([ok(16, 100.0), ok(32, 90.0), ok(64, 106.0)]) is None  # clear gain
+    assert plateau_reached(flat, patience=1) == 32                 # 64 gains nothing on 32
 
 
 def test_patience_one_stops_at_the_first_dip():
@@ -555,21 +635,26 @@ def test_patience_one_stops_at_the_first_dip():
 def test_a_drop_within_the_confidence_intervals_is_not_a_decline(ci, calls, below):
     ips = {**RISING, 64: 100.0, 128: 93.0, 256: 92.0, 512: 90.0}
     trial = FakeTrial(ips=ips, oom_above=5000, ci=ci)
-    result = run(trial)
+    result = run(trial, min_gain=0.0)  # the decline rule alone
     assert trial.calls == GROWTH + calls
     assert result.stop_reason == (
         f"memory edge not searched: throughput peaked at 64; batch {below} clearly below"
     )
 
 
-def test_plateau_within_tolerance_searches_on():
-    # Flat at 100 from 32 on: nothing is clearly below, and the largest batch within 3 %
-    # wins, so larger batches can still change the answer; growth reaches max_batch.
+def test_plateau_within_tolerance_searches_on_without_the_plateau_rule():
+    # Flat at 100 from 16 on: nothing is clearly below, and the largest batch within 3 %
+    # wins, so larger batches can still change the answer; without the plateau rule
+    # growth reaches max_batch. With it, two flat doublings end the search.
     trial = FakeTrial(ips=lambda b: min(100.0, 10.0 * b))
-    result = run(trial, max_batch=256)
+    result = run(trial, max_batch=256, min_gain=0.0)
     assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert result.chosen == 256
     assert result.peak_batch is None
+    trial = FakeTrial(ips=lambda b: min(100.0, 10.0 * b))
+    result = run(trial, max_batch=256)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert (result.chosen, result.peak_batch) == (64, 16)
 
 
 def test_goodput_score_stops_past_its_own_peak():
@@ -621,7 +706,8 @@ def test_search_result_round_trips_the_peak():
 
 @pytest.mark.parametrize("field,value", [
     ("find_edge", 1), ("stop_patience", 0), ("stop_patience", 1.5),
-    ("decline_tolerance", 1.0), ("decline_tolerance", -0.1),
+    ("decline_tolerance", 1.0), ("decline_tolerance", -0.1), ("min_gain", 1.0),
+    ("min_gain", -0.01), ("min_gain", "5%"),
 ])
 def test_stopping_rule_settings_are_validated(field, value):
     with pytest.raises(ConfigError):

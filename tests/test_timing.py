@@ -100,12 +100,24 @@ def test_noisy_step_stops_at_the_time_ceiling():
     assert result.rel_ci > 0.03
 
 
-def test_floor_on_samples_beats_the_time_ceiling():
-    # 8 s and 16 s steps: the 20 s ceiling passes at the third sample, but five are taken.
+def test_slow_step_stops_at_three_samples_past_the_time_ceiling():
+    # 8 s and 16 s steps: the 20 s ceiling passes at the second sample (24 s); the slow
+    # floor asks for a third (32 s), not the five a converged measurement needs.
     clock = FakeClock()
-    step = fake_step(clock, itertools.chain([8.0, 8.0], itertools.cycle([8.0, 16.0])))
+    step = fake_step(clock, itertools.chain([8.0, 8.0], itertools.cycle([16.0, 8.0])))
     result = time_adaptively(step, images_per_step=4, clock=clock)
-    assert (result.stop, result.steps) == ("max_seconds", 5)
+    assert (result.stop, result.steps, result.seconds) == ("max_seconds", 3, 40.0)
+    assert result.rel_ci is not None and result.rel_ci > 0.03
+
+
+def test_verdict_slow_floor():
+    cfg = TimingConfig(min_samples=5, min_seconds=0.0, max_seconds=3.0)
+    assert timing_verdict([2.0, 2.0], cfg) is None              # past 3 s, but 2 samples
+    assert timing_verdict([2.0, 2.0, 2.0], cfg) == "max_seconds"  # never "converged" below 5
+    assert timing_verdict([0.5, 0.5, 0.5], cfg) is None          # 3 samples, 1.5 s: go on
+    assert timing_verdict([1.0] * 5, cfg) == "converged"
+    strict = TimingConfig(min_samples=5, min_slow_samples=5, max_seconds=3.0)
+    assert timing_verdict([2.0, 2.0, 2.0], strict) is None      # the old floor, on request
 
 
 def test_sync_runs_before_each_clock_reading():
@@ -122,6 +134,7 @@ def test_sync_runs_before_each_clock_reading():
 @pytest.mark.parametrize("kwargs", [
     {"rel_ci": 0}, {"rel_ci": 1.5}, {"min_samples": 1}, {"max_samples": 3},
     {"min_seconds": -1.0}, {"max_seconds": 0.1}, {"warmup_steps": -1},
+    {"min_slow_samples": 1}, {"min_slow_samples": 2.5},
     {"max_seconds": math.inf},
 ])
 def test_config_is_validated(kwargs):
@@ -151,3 +164,46 @@ def test_one_tiny_real_measurement():
     assert len(result.samples_s) >= cfg.min_samples
     assert result.images_per_s > 0 and result.rel_ci is not None
     assert set(result.to_dict()) >= {"images_per_s", "rel_ci", "stop", "steps", "seconds"}
+
+
+def test_one_step_samples_stop_on_whole_cycles():
+    # 2 s steps, 4 s ceiling, a 3-variant cycle timed one step a sample: 2 samples pass
+    # the ceiling but are 2 of 3 variants; the measurement stops at 3 (a whole cycle),
+    # 6 s of timed work, not the 3 samples of 3 steps (18 s) of whole-cycle samples.
+    clock = FakeClock()
+    step = fake_step(clock, itertools.repeat(2.0))
+    cfg = TimingConfig(max_seconds=4.0, warmup_steps=0)
+    result = time_adaptively(step, images_per_step=64, cfg=cfg, clock=clock, steps_per_sample=1,
+                             sample_multiple=3)
+    assert (result.stop, result.steps, result.seconds) == ("max_seconds", 3, 6.0)
+    # A steady step converges at the first whole cycle past the 5-sample floor: 6.
+    clock = FakeClock()
+    step = fake_step(clock, itertools.repeat(0.125))
+    result = time_adaptively(step, images_per_step=8, cfg=TimingConfig(warmup_steps=0), clock=clock,
+                             steps_per_sample=1, sample_multiple=3)
+    assert (result.stop, result.steps) == ("converged", 6)
+
+
+@pytest.mark.parametrize("multiple", [0, -1, 1.5])
+def test_sample_multiple_is_validated(multiple):
+    with pytest.raises(ValueError, match="sample multiple"):
+        time_adaptively(lambda: None, 1, steps_per_sample=1, sample_multiple=multiple)
+
+
+@pytest.mark.parametrize("step_s,cycle,expected", [
+    (0.1, 3, (3, 1)),    # fast: whole cycles a sample (0.3 s >= 20 ms)
+    (0.005, 3, (6, 1)),  # very fast: 4 steps for 20 ms, rounded up to 2 cycles
+    (1.9, 3, (1, 3)),    # slow: 3 x 1.9 x 3 samples > 4 s: one step a sample, whole cycles
+    (1.9, 1, (1, 1)),    # no cycle: one step a sample
+])
+def test_trial_sampling_by_the_warm_up_step(step_s, cycle, expected, monkeypatch):
+    import autotune.trial as trial_module
+
+    now = [0.0]
+    monkeypatch.setattr(trial_module.time, "perf_counter", lambda: now[0])
+
+    def step():
+        now[0] += step_s
+
+    cfg = TimingConfig(max_seconds=4.0, warmup_steps=cycle)
+    assert trial_module._warm_up(step, cycle, cfg, None) == expected
