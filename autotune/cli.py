@@ -68,7 +68,9 @@ Out = Annotated[Path, typer.Option(help="Where to write the tuned configuration 
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result (or, with --show, the file) as JSON on stdout.")]
 Plot = Annotated[Optional[Path], typer.Option(help="Draw images/s and peak memory against batch size into this PNG (needs matplotlib).")]
 Isolate = Annotated[bool, typer.Option(help="Run each CUDA trial in a fresh subprocess (CPU trials always are, when the workload can be rebuilt there).")]
-StartBatch = Annotated[int, typer.Option(help="First batch size tried.")]
+StartBatch = Annotated[Optional[int], typer.Option(
+    help="First batch size the search tries (default: 2 under goodput, the reference "
+         "batch under throughput and memory).", show_default=False)]
 MaxBatch = Annotated[int, typer.Option(help="Never try a larger batch.")]
 MaxTrials = Annotated[int, typer.Option(help="Cap on batch-search trials.")]
 TrialBudget = Annotated[float, typer.Option(help="Seconds; a slower trial stops the batch growth.")]
@@ -100,10 +102,10 @@ def engine_options(
     as_json: AsJson = False,
     plot: Plot = None,
     isolate: Isolate = False,
-    start_batch: StartBatch = 2,
+    start_batch: StartBatch = None,
     max_batch: MaxBatch = 4096,
     max_trials: MaxTrials = 16,
-    trial_budget: TrialBudget = 60.0,
+    trial_budget: TrialBudget = 25.0,
     max_workers: MaxWorkers = None,
     compare_steps: CompareSteps = 10,
     seed: Seed = 0,
@@ -206,10 +208,10 @@ def tune_config(options: dict[str, Any], tuner_command: str):
         objective=value("objective") or "goodput",
         lr_rule=value("lr_rule"),
         precision=value("precision"),
-        start_batch=options.get("start_batch", 2),
+        start_batch=options.get("start_batch"),
         max_batch=options.get("max_batch", 4096),
         max_trials=options.get("max_trials", 16),
-        trial_budget_s=options.get("trial_budget", 60.0),
+        trial_budget_s=options.get("trial_budget", 25.0),
         isolate=options.get("isolate", False),
         max_workers=options.get("max_workers"),
         compare_steps=options.get("compare_steps", 10),

@@ -46,21 +46,29 @@ def loader_images_per_s(loader, batches: int, skip: int | None = None) -> float:
 
 
 def training_images_per_s(
-    step, loader, steps: int, warmup: int | None = None, sync: Callable[[], None] | None = None
+    step, loader, steps: int, warmup: int = 2, sync: Callable[[], None] | None = None,
+    drain: int | None = None,
 ) -> float:
     """Images/s of the train ``step`` (:class:`autotune.workload.TrainStep`) fed by
     ``loader``, device synchronised around the clock.
 
-    Warm-up (default: 2 steps plus the loader's queue depth) lets the step settle and
-    drains the batches the workers prepared before the clock starts; otherwise a short
-    window would time the queue, not the workers, and favour many workers. ``sync``
-    waits for the device (the seam's ``synchronize``); None on a CPU.
+    First the batches the workers prepared before anyone asked (``drain``, default the
+    loader's queue depth) are taken and thrown away, untrained: timing them would credit
+    the workers with work done before the clock started, and favour many workers. Then
+    ``warmup`` real steps let the step settle (its first allocations) while the queue
+    reaches its steady state: full when the step is the bottleneck, empty when the
+    loader is. Draining without training costs the loader's time only; training the
+    drained batches, as this function did before, cost a large batch's step per queued
+    batch (8 slow steps for the seed default's 4 workers). ``sync`` waits for the device
+    (the seam's ``synchronize``); None on a CPU.
     """
-    if warmup is None:
-        warmup = queue_depth(loader) + 2
+    if drain is None:
+        drain = queue_depth(loader)
     sync = sync or (lambda: None)
     iterator = iter(loader)
     try:
+        for _ in range(drain):
+            next(iterator)
         for _ in range(warmup):
             step(step.to_device(next(iterator)))
         sync()

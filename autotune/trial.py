@@ -88,6 +88,8 @@ class TrialMeasurement:
     timing_stop: str = ""
     """How the timing ended (:data:`autotune.timing.STOPS`): ``converged`` when the
     interval met the tolerance, else a ceiling stopped it."""
+    precision: str | None = None
+    """The precision the trial ran in (set by the tuner; None in older records)."""
 
     def to_outcome(self) -> TrialOutcome:
         return TrialOutcome(
@@ -147,10 +149,11 @@ def _trial_body(spec: TrialSpec, device, cuda, workload) -> TrialMeasurement:
         finite = finite and not getattr(result, "skipped", False)
 
     sync = (lambda: cuda.synchronize(device.index or 0)) if cuda is not None else None
-    per_sample = _warm_up(step, cycle, timing_cfg, sync)
-    # Whole cycles per sample, so every batch size is timed on the same work.
+    per_sample, multiple = _warm_up(step, cycle, timing_cfg, sync)
+    # Whole cycles, so every batch size is timed on the same work: per sample, or, for a
+    # slow step, in whole cycles of one-step samples.
     timing = time_adaptively(step, spec.batch, replace(timing_cfg, warmup_steps=0), sync=sync,
-                             steps_per_sample=per_sample)
+                             steps_per_sample=per_sample, sample_multiple=multiple)
     losses, last_finite = losses_of(result)
     finite = finite and last_finite
     if cuda is not None:
@@ -171,10 +174,16 @@ def _trial_body(spec: TrialSpec, device, cuda, workload) -> TrialMeasurement:
     )
 
 
-def _warm_up(step, cycle: int, cfg: TimingConfig, sync) -> int:
-    """Run ``cfg.warmup_steps`` untimed steps; return the steps per timing sample: a
-    multiple of the noise cycle lasting at least ``cfg.min_sample_seconds`` by the last
-    warm-up step."""
+def _warm_up(step, cycle: int, cfg: TimingConfig, sync) -> tuple[int, int]:
+    """Run ``cfg.warmup_steps`` untimed steps; return (steps per timing sample, samples
+    the measurement must stop on a multiple of), by the last warm-up step's time.
+
+    Normally a sample is whole noise cycles lasting at least ``cfg.min_sample_seconds``
+    (multiple 1). When one cycle would be too long a sample (the slow-step floor of
+    ``cfg.min_slow_samples`` samples would overrun ``cfg.max_seconds``: 48x48 crops at
+    batch 64 on 2 cores take 1.9 s a step, 5.7 s a cycle), a sample is one step and the
+    measurement stops on whole cycles instead: the same work, a third of the time. Its
+    interval then includes the variants' differences, wider and so on the safe side."""
     wait = sync or (lambda: None)
     one = 0.0
     for _ in range(cfg.warmup_steps):
@@ -183,8 +192,10 @@ def _warm_up(step, cycle: int, cfg: TimingConfig, sync) -> int:
         step()
         wait()
         one = time.perf_counter() - clock
+    if cycle > 1 and cycle * one * cfg.min_slow_samples > cfg.max_seconds:
+        return 1, cycle
     steps = max(1, math.ceil(cfg.min_sample_seconds / one)) if one > 0 else 1
-    return math.ceil(steps / cycle) * cycle
+    return math.ceil(steps / cycle) * cycle, 1
 
 
 def run_trial(spec: TrialSpec, cuda=None, workload=None) -> TrialMeasurement:

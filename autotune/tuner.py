@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import statistics
 import time
@@ -80,7 +81,7 @@ from autotune.device import cap_fraction, memory_capped
 from autotune.measure import loader_images_per_s, training_images_per_s
 from autotune.memory import format_bytes, parse_target_mem
 from autotune.oom import is_oom
-from autotune.probes import Probes, device_fingerprint, real_probes, select_gpu, torch_info
+from autotune.probes import Probes, device_fingerprint, real_probes, select_gpu
 from autotune.gns import NoiseScale
 from autotune.goodput import (
     ADAM_LR_POWER,
@@ -120,6 +121,10 @@ TRIAL_PRELOAD = ("torch", "autotune.trial", "autotune.workload")
 NOISE_MICRO_BATCHES = 4
 #: CPU threads x workers are measured at most at this multiple of the reference batch.
 PAIR_BATCH_FACTOR = 4
+#: ... and at the largest batch the search measured whose step takes at most this long.
+PAIR_STEP_SECONDS = 0.5
+#: The noise-scale phase takes at least this many measurements, whatever its time budget.
+NOISE_MIN_STEPS = 4
 #: Goodput candidates within this share of the best count as tied (the smallest wins).
 GOODPUT_TOLERANCE = 0.03
 
@@ -138,16 +143,20 @@ class TuneConfig:
     """linear | sqrt | none | adascale; None: adascale under goodput, linear otherwise."""
     precision: str | None = None
     """Force one precision instead of measuring them."""
-    start_batch: int = 2
+    start_batch: int | None = None
+    """First batch of the search. None: 2 under goodput (small batches are candidates
+    there: each image is worth more), the reference batch under throughput and memory
+    (the precision phase ran it, so it fits; a smaller batch seldom runs more images/s,
+    and its trials would cost time without changing the answer)."""
     max_batch: int = 4096
     max_trials: int = 16
-    trial_budget_s: float = 60.0
+    trial_budget_s: float = 25.0
     """A trial slower than this stops the batch growth."""
     margin_fraction: float = 0.03
     """Safety margin below the target, as a share of it (converted to bytes)."""
     isolate: bool = False
     """CUDA: run each trial in a subprocess of its own (CPU trials always are)."""
-    timing: TimingConfig = field(default_factory=lambda: TimingConfig(max_seconds=10.0))
+    timing: TimingConfig = field(default_factory=lambda: TimingConfig(max_seconds=4.0))
     """How long a trial (and a knob measurement) is timed: until its images/s is known
     within ``rel_ci``, between a floor and a ceiling."""
     find_edge: bool = False
@@ -169,6 +178,14 @@ class TuneConfig:
     measure_images: int = 512
     """Image budget of one worker or comparison measurement: large batches take fewer
     steps (never fewer than 3), so that every measurement costs about the same time."""
+    measure_seconds: float = 2.0
+    """Time budget of one worker or comparison measurement, from the step time the
+    trials measured: a slow step (a large batch of a big model on a CPU) takes fewer
+    steps than the image budget asks (never fewer than 3)."""
+    noise_seconds: float = 15.0
+    """Goodput: the noise-scale phase stops after this many seconds once it has
+    ``NOISE_MIN_STEPS`` measurements, even short of ``noise_steps`` (its standard error
+    is then larger, and the conservative estimate lower, which the table shows)."""
     compare_rounds: int = 2
     max_workers: int | None = None
     seed: int = 0
@@ -199,10 +216,17 @@ class TuneConfig:
         for name in ("start_batch", "max_batch", "max_trials", "worker_steps",
                      "compare_steps", "compare_rounds", "noise_steps", "planned_epochs"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
+            if name == "start_batch" and value is None:
+                continue
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
-        if self.max_batch < self.start_batch:
+        if self.start_batch is not None and self.max_batch < self.start_batch:
             raise ConfigError(f"max batch {self.max_batch} is below the start batch {self.start_batch}")
+        for name in ("measure_seconds", "noise_seconds"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and 0 < value < math.inf):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive number, got {value!r}")
         if not (self.trial_budget_s > 0):
             raise ConfigError(f"trial budget must be positive, got {self.trial_budget_s!r}")
         if self.max_workers is not None and self.max_workers < 0:
@@ -468,9 +492,18 @@ class Tuner:
         )
 
     def trial(self, batch: int, precision: str) -> TrialMeasurement:
+        """One trial at ``batch`` and ``precision``. A successful trial is run once per
+        tuning: asked again with the same spec (the search's trial at the batch the
+        precision phase measured), its measurement is reused, not paid twice."""
         spec = self._spec(batch, precision)
+        key = json.dumps(asdict(spec), sort_keys=True)
+        done = getattr(self, "_trials_by_spec", {})
+        if key in done:
+            self.report(f"trial: batch {batch}, {precision} (measured already)")
+            return done[key]
         self.report(f"trial: batch {batch}, {precision}")
         measurement = self._execute(spec)
+        measurement.precision = precision
         if self.device.type == "cuda" and not self.cfg.isolate and not self._context_remeasured:
             # The first real step loaded cuDNN/cuBLAS: measure the context again, fix this
             # trial's peak, and tighten the cap for every later allocation.
@@ -482,6 +515,8 @@ class Tuner:
             if self._capped:
                 self.cuda.set_memory_fraction(self._fraction(), self.index)
         self.trials_run.append(measurement)
+        if measurement.ok:
+            self._trials_by_spec = {**done, key: measurement}
         return measurement
 
     def _execute(self, spec: TrialSpec) -> TrialMeasurement:
@@ -529,7 +564,7 @@ class Tuner:
         return ["fp32", "bf16"]  # CPU autocast in bf16 is real on CPUs with AVX512-BF16/AMX
 
     def measure_precisions(self) -> list[PrecisionMeasurement]:
-        batch = max(self.cfg.start_batch, min(self.reference_batch, self.cfg.max_batch))
+        batch = max(self.cfg.start_batch or 1, min(self.reference_batch, self.cfg.max_batch))
         results = []
         for precision in self.precision_candidates():
             with self._memory_capped():
@@ -551,7 +586,7 @@ class Tuner:
         search_cfg = SearchConfig(
             target_bytes=self.target,
             margin_bytes=int(self.target * cfg.margin_fraction),
-            start=cfg.start_batch,
+            start=self.search_start(),
             max_batch=cfg.max_batch,
             max_trials=cfg.max_trials,
             trial_time_budget_s=cfg.trial_budget_s,
@@ -566,6 +601,14 @@ class Tuner:
             self.goodput = self.choose_by_goodput(result)
             result = replace(result, chosen=self.goodput.chosen.batch)
         return result
+
+    def search_start(self) -> int:
+        """The search's first batch (see :attr:`TuneConfig.start_batch`)."""
+        if self.cfg.start_batch is not None:
+            return self.cfg.start_batch
+        if self.cfg.objective == "goodput":
+            return min(2, self.cfg.max_batch)
+        return min(self.reference_batch, self.cfg.max_batch)
 
     def goodput_score(self) -> Score | None:
         """Goodput (images/s x predicted efficiency at the conservative noise scale) for
@@ -631,10 +674,13 @@ class Tuner:
         noise_loader = self._loader(LoaderSettings(batch), cfg.noise_steps + 4)
         estimators = {name: NoiseScale() for name in groups}
         started = time.perf_counter()
+        taken = 0
         with self._memory_capped():
             for i, (train_batch, noise_batch) in enumerate(zip(train_loader, noise_loader)):
-                if i >= cfg.noise_steps:
+                if i >= cfg.noise_steps or (
+                        i >= NOISE_MIN_STEPS and time.perf_counter() - started > cfg.noise_seconds):
                     break
+                taken = i + 1
                 self.report(f"noise scale: measurement {i + 1} of {cfg.noise_steps}")
                 if cfg.from_checkpoint is None:
                     step_fn(step_fn.to_device(train_batch))
@@ -662,8 +708,9 @@ class Tuner:
             "space": "raw",
             "micro_batch": micro,
             "micro_batches": NOISE_MICRO_BATCHES,
-            "steps": cfg.noise_steps,
-            "measured_at_step": step + (0 if cfg.from_checkpoint else cfg.noise_steps),
+            "steps": taken,
+            "steps_asked": cfg.noise_steps,
+            "measured_at_step": step + (0 if cfg.from_checkpoint else taken),
             "checkpoint": cfg.from_checkpoint,
             "seconds": time.perf_counter() - started,
         }
@@ -735,19 +782,25 @@ class Tuner:
         machine). The comparison phase then times the chosen pair at the chosen batch."""
         cores = max(1, self.host.usable_cores // self.dist.local_world_size)
         shm_limit = self._shm_worker_limit(batch)  # what the chosen batch will put in flight
-        batch = min(batch, PAIR_BATCH_FACTOR * self.reference_batch)
+        batch = self.pair_batch(batch, precision)
         self.worker_batch = batch
         steps = self.steps_for(batch, self.cfg.worker_steps)
         candidates = [(t, w) for t, w in thread_worker_candidates(cores)
                       if (self.cfg.max_workers is None or w <= self.cfg.max_workers)
                       and (shm_limit is None or w * 2 <= shm_limit)]
         gan = self._step(precision, batch)
+        pairs_run = 0
 
         def measure_pair(workers: int) -> Rate:
+            nonlocal pairs_run
+            pairs_run += 1
+            measured_once = pairs_run > 1
             self.report(f"threads x workers: {torch.get_num_threads()} threads, {workers} workers")
             loader_cfg = LoaderSettings(batch, workers, pin_memory=False, persistent_workers=workers > 0,
                                       prefetch_factor=2 if workers else None)
-            return Rate(self._worker_speed(gan, loader_cfg, max(steps, 3 * workers)))
+            # One warm-up step per pair: the step itself is warm after the first pair.
+            return Rate(self._worker_speed(gan, loader_cfg, max(steps, 3 * workers),
+                                           warmup=1 if measured_once else 2))
 
         measured, failed = measure_threads_workers(measure_pair, candidates)
         del gan
@@ -765,6 +818,25 @@ class Tuner:
                     if (m.threads, m.workers) == (chosen["threads"], chosen["workers"]))
         best = WorkerMeasurement(chosen["workers"], 2 if chosen["workers"] else None, rate)
         return [*workers, best], decision
+
+    def pair_batch(self, batch: int, precision: str) -> int:
+        """Where CPU threads x workers (and the knobs) are measured: at most ``batch`` and
+        ``PAIR_BATCH_FACTOR`` x the reference batch, and among the batches the search
+        measured (``precision``) the largest whose step took at most
+        ``PAIR_STEP_SECONDS`` (else the smallest of them). Per image, the step's compute
+        and the loader's decoding both scale with the batch, so the ranking of five
+        pairs holds there, while each of their end-to-end measurements costs short
+        steps: on 48x48 crops at batch 64, 2 s steps made this phase 90 s of a 315 s
+        tuning."""
+        cap = min(batch, PAIR_BATCH_FACTOR * self.reference_batch)
+        measured = sorted({t.batch: t for t in getattr(self, "trials_run", [])
+                           if t.ok and t.images_per_s and t.batch <= cap
+                           and t.precision in (None, precision)}.values(),
+                          key=lambda t: t.batch)
+        if not measured:
+            return cap
+        quick = [t.batch for t in measured if t.batch / t.images_per_s <= PAIR_STEP_SECONDS]
+        return max(quick) if quick else measured[0].batch
 
     # -- phase 4b: knobs -----------------------------------------------------------------------
     def measure_knobs(self, batch: int, precision: str) -> list[KnobDecision]:
@@ -896,18 +968,33 @@ class Tuner:
         batch_bytes = batch * sample
         return max(0, (shm // 2) // max(1, batch_bytes))
 
-    def _worker_speed(self, gan, loader_cfg: LoaderSettings, steps: int) -> float:
+    def _worker_speed(self, gan, loader_cfg: LoaderSettings, steps: int, warmup: int = 2) -> float:
         """images/s of one worker setting: the loader alone on CUDA, end to end on CPU."""
         loader = self._loader(loader_cfg, steps + loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0) + 4)
         try:
             if gan is None:
                 return loader_images_per_s(loader, steps)
-            return training_images_per_s(gan, loader, steps, sync=self._sync)
+            return training_images_per_s(gan, loader, steps, warmup=warmup, sync=self._sync)
         finally:
             del loader
 
     def steps_for(self, batch: int, max_steps: int) -> int:
-        return max(3, min(max_steps, math.ceil(self.cfg.measure_images / batch)))
+        """Timed steps of one worker or comparison measurement: at most ``max_steps``,
+        the image budget and the time budget (from the nearest trial's rate), at least 3."""
+        steps = min(max_steps, math.ceil(self.cfg.measure_images / batch))
+        rate = self._rate_near(batch)
+        if rate:
+            steps = min(steps, math.ceil(self.cfg.measure_seconds * rate / batch))
+        return max(3, steps)
+
+    def _rate_near(self, batch: int) -> float | None:
+        """images/s of the successful trial nearest ``batch`` (by ratio; the larger on a
+        tie), or None before any: an estimate of a step's cost, for time budgets."""
+        rated = [t for t in getattr(self, "trials_run", []) if t.ok and t.images_per_s]
+        if not rated:
+            return None
+        nearest = min(rated, key=lambda t: (abs(math.log(t.batch / batch)), -t.batch))
+        return nearest.images_per_s
 
     # -- phase 5: learning rate ----------------------------------------------------------------
     def lrs(self, batch: int) -> dict[str, float]:
@@ -943,6 +1030,7 @@ class Tuner:
         }
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         failed: dict[str, str] = {}
+        steps_built: dict[str, object] = {}  # each config's train step, kept across rounds
         with self._memory_capped():
             for round_index in range(self.cfg.compare_rounds):
                 for name, (loader_cfg, precision, channels_last, threads) in configs.items():
@@ -952,14 +1040,20 @@ class Tuner:
                     steps = self.steps_for(loader_cfg.batch_size, self.cfg.compare_steps)
                     try:
                         with _threads(threads):
-                            speeds[name].append(self._train_speed(loader_cfg, precision, steps,
-                                                                  channels_last))
+                            if name not in steps_built:
+                                steps_built[name] = self._step(precision, loader_cfg.batch_size,
+                                                               channels_last)
+                            speeds[name].append(self._train_speed(
+                                loader_cfg, precision, steps, channels_last,
+                                step=steps_built[name], warmup=1))
                     except Exception as exc:  # noqa: BLE001 - an OOM is an outcome
                         if not is_oom(exc):
                             raise
                         failed[name] = str(exc).splitlines()[0][:160] if str(exc) else "out of memory"
+                        steps_built.pop(name, None)
                     finally:
                         self._release()
+            steps_built.clear()
         seed = statistics.median(speeds["seed_default"]) if speeds["seed_default"] else None
         rec = statistics.median(speeds["recommended"]) if speeds["recommended"] else None
         result = {
@@ -978,12 +1072,16 @@ class Tuner:
         return result
 
     def _train_speed(self, loader_cfg: LoaderSettings, precision: str, steps: int,
-                     channels_last: bool = False) -> float:
-        """End-to-end images/s of one configuration: a fresh GAN fed by a fresh loader."""
-        gan = self._step(precision, loader_cfg.batch_size, channels_last)
+                     channels_last: bool = False, step=None, warmup: int = 2) -> float:
+        """End-to-end images/s of one configuration: its train step (``step``, else a
+        fresh one) fed by a fresh loader, after ``warmup`` untimed steps. The comparison
+        keeps each configuration's step across its rounds and warms up one step: the
+        first allocates the optimiser state, and the loader's queue (drained untrained)
+        refills meanwhile."""
+        gan = step if step is not None else self._step(precision, loader_cfg.batch_size, channels_last)
         depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
         loader = self._loader(loader_cfg, steps + depth + 4)
-        return training_images_per_s(gan, loader, steps, sync=self._sync)
+        return training_images_per_s(gan, loader, steps, warmup=warmup, sync=self._sync)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -1019,7 +1117,9 @@ class Tuner:
         memory_before = self._process_memory()
 
         world = self.dist.world_size
-        own_precisions = self.measure_precisions()
+        self.phase_seconds: dict[str, float] = {}
+        with self._phase("precision"):
+            own_precisions = self.measure_precisions()
         precisions = own_precisions
         if self.dist.distributed:
             precisions = combine_rank_precisions(self.dist.all_gather_object(own_precisions))
@@ -1028,8 +1128,10 @@ class Tuner:
         except ValueError as exc:
             raise ConfigError(f"no precision could run the model: {exc}") from None
         if cfg.objective == "goodput":
-            self.measure_noise(chosen_precision)
-        result = self.search_agreed(chosen_precision)
+            with self._phase("noise scale"):
+                self.measure_noise(chosen_precision)
+        with self._phase("batch search"):
+            result = self.search_agreed(chosen_precision)
         batch = result.chosen
         memory_after = self._process_memory()
         if self.goodput is not None and self.goodput.chosen.batch != batch:
@@ -1043,19 +1145,26 @@ class Tuner:
         knobs: list[KnobDecision] = []
         threads = None
         if self.device.type == "cpu":
-            workers, pairs = self.measure_threads_workers(batch, chosen_precision)
+            with self._phase("threads x workers"):
+                workers, pairs = self.measure_threads_workers(batch, chosen_precision)
             own_best, threads = workers[-1], pairs.value["threads"]
             workers = workers[:-1]
             knobs.append(pairs)
         else:
-            workers = self.measure_workers(batch, chosen_precision, consumption)
+            with self._phase("workers"):
+                workers = self.measure_workers(batch, chosen_precision, consumption)
             own_best = choose_workers(workers, consumption)
         best = self.dist.broadcast_object(own_best)
         threads = self.dist.broadcast_object(threads)
-        knobs += self.measure_knobs(batch, chosen_precision)
+        with self._phase("knobs"):
+            # On a CPU at the threads x workers batch (short steps, see pair_batch); on
+            # CUDA, where a step is short anyway, at the chosen batch.
+            knobs += self.measure_knobs(getattr(self, "worker_batch", batch)
+                                        if self.device.type == "cpu" else batch, chosen_precision)
         knobs = self.dist.broadcast_object(knobs)
         knob_value = {k.knob: k.value for k in knobs}
-        storage = self.check_storage(chosen_trial.images_per_s, best.workers)
+        with self._phase("storage"):
+            storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 
         global_batch = batch * world
         factor = global_batch / self.reference_batch
@@ -1086,7 +1195,8 @@ class Tuner:
         )
         recommended = LoaderSettings(batch, best.workers, choice.pin_memory,
                                      choice.persistent_workers, choice.prefetch_factor)
-        own_comparison = self.compare(recommended, chosen_precision, choice.channels_last, threads)
+        with self._phase("comparison"):
+            own_comparison = self.compare(recommended, chosen_precision, choice.channels_last, threads)
         comparison = own_comparison
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
@@ -1118,6 +1228,7 @@ class Tuner:
             "knobs": [k.to_dict() for k in knobs],
             "storage": storage,
             "tuning_seconds": time.perf_counter() - started,
+            "phase_seconds": dict(self.phase_seconds),
             "warnings": self.warnings,
             "machine": machine,
         }
@@ -1167,6 +1278,16 @@ class Tuner:
             tool_version=_tool_version(),
         )
         return TuneResult(tuned, machine, result, precisions, workers, self.target, self.warnings)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        """Time one phase of the tuning (``measurements["phase_seconds"]``, the table's
+        last line): where a tuning's minutes go, for users and for the benchmark."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def _same_as_baseline(self, choice: TunedChoice) -> bool:
         """Does ``choice`` train exactly as the baseline does (loader, precision, memory

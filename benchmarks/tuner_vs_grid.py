@@ -19,8 +19,10 @@ noise, in any order, separated by top-level commas; left out: the --image-size,
         --max-batch 128 --objective goodput --objective throughput
 
 ``--objective`` is repeatable: the tuner runs once per objective and every pick is judged
-against one grid. ``--grid-knobs`` multiplies the grid by 4 (channels_last x threads):
-about 50 minutes per shape on the 2-core machine.
+against one grid. The knobs (channels_last x CPU threads 1 / all cores) are added at the
+grid's ``--knob-top`` best points (default 3: 9 more points), where a knob could change
+the grid's best; ``--grid-knobs`` multiplies the whole grid by 4 instead (about 50
+minutes per shape on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 
 from arwgan.config import LoaderConfig, ModelConfig
 from autotune.measure import training_images_per_s
+from autotune.report import time_line
 from arwgan.tuning import TuneConfig, Tuner
 from arwgan.workload import SEED_LOADER, SEED_PRECISION
 from autotune.tuner import worker_candidates
@@ -104,8 +107,10 @@ def run_tuner(model: ModelConfig, args, objective: str):
     tuner_s = time.perf_counter() - started
     choice = result.tuned.choice
     print(f"tuner ({objective}): {tuner_s:.0f} s -> batch {choice.batch_size}, {choice.num_workers} workers "
-          f"(prefetch {choice.prefetch_factor}), {choice.precision}; "
+          f"(prefetch {choice.prefetch_factor}), {choice.precision}, channels_last "
+          f"{choice.channels_last}, threads {choice.cpu_threads}; "
           f"{len(result.search.trials)} search trials ({result.search.stop_reason})", flush=True)
+    print(f"  {time_line(result.tuned.measurements)}", flush=True)
     return tune_cfg, result, tuner_s
 
 
@@ -171,10 +176,23 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
         knobs = f" cl {int(cl)} threads {threads or '-'}" if args.grid_knobs else ""
         print(f"  grid batch {batch:4d} workers {w:2d} {precision}{knobs}: {ips:8.1f} img/s",
               flush=True)
+    if not args.grid_knobs and args.knob_top:
+        # The knobs at the top of the grid: a knob that helps anywhere helps there most.
+        top = sorted(grid, key=lambda g: g["images_per_s"], reverse=True)[:args.knob_top]
+        combos = [(cl, t) for cl in (False, True)
+                  for t in ((None, 1) if bench.device.type == "cpu" and cores > 1 else (None,))
+                  if (cl, t) != (False, None)]
+        for point, (cl, threads) in itertools.product(top, combos):
+            loader = LoaderConfig(point["batch"], point["workers"], pin_memory=cuda,
+                                  persistent_workers=point["workers"] > 0)
+            ips = measure(loader, point["precision"], cl, threads)
+            grid.append({**point, "channels_last": cl, "threads": threads, "images_per_s": ips})
+            print(f"  knobs at batch {point['batch']:4d} workers {point['workers']:2d} "
+                  f"{point['precision']} cl {int(cl)} threads {threads or 'default'}: {ips:8.1f} img/s",
+                  flush=True)
     grid_s = time.perf_counter() - grid_started
     best = max(grid, key=lambda g: g["images_per_s"])
-    best_knobs = (f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
-                  if args.grid_knobs else "")
+    best_knobs = f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
     print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
           f"{best_knobs}: {best['images_per_s']:.1f} img/s; grid of {len(grid)} points took {grid_s:.0f} s")
     summaries = []
@@ -190,6 +208,7 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
             "model": model.to_dict(), "shape": describe(model), "objective": objective,
             "device": str(bench.device), "tuner_s": tuner_s,
             "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
+            "phase_seconds": result.tuned.measurements.get("phase_seconds"),
             "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
                        "prefetch": choice.prefetch_factor, "precision": choice.precision,
                        "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
@@ -233,7 +252,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per grid point")
     parser.add_argument("--rounds", type=int, default=3, help="alternations for (a)")
     parser.add_argument("--grid-knobs", action="store_true",
-                        help="grid also over channels_last and CPU threads (1, all cores)")
+                        help="the whole grid also over channels_last and CPU threads (1, all cores)")
+    parser.add_argument("--knob-top", type=int, default=3,
+                        help="without --grid-knobs: try the knobs at this many of the grid's best "
+                             "points (0: none)")
     parser.add_argument("--json", dest="json_out", default="runs/bench/tuner_vs_grid.json")
     args = parser.parse_args()
 

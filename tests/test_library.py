@@ -204,7 +204,9 @@ def test_api_tunes_a_workload_defined_here_in_process(tmp_path: Path) -> None:
     buffer = StringIO()
     result.print_report(Console(file=buffer, width=200))
     out = buffer.getvalue()
-    assert "Recommendation" in out and "learning rate lr" in out
+    # Which title depends on the timing (a toy step of microseconds on a shared CPU may
+    # lose to its baseline): either way the table shows the rates by the workload's names.
+    assert ("Recommendation" in out or "NOT faster than the" in out) and "learning rate lr" in out
 
 
 def test_api_tunes_a_workload_by_reference_with_subprocess_trials(monkeypatch, tmp_path: Path) -> None:

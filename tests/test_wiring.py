@@ -143,16 +143,29 @@ PEAKED = {2: 10.0, 4: 20.0, 8: 40.0, 16: 64.0, 32: 50.0, 64: 40.0, 128: 30.0, 25
 
 
 def test_throughput_search_stops_past_the_peak_and_says_so(tiny_data_dir):
+    # Under throughput the search starts at the reference batch (16), not at 2.
     tuner = cpu_tuner(tiny_data_dir, objective="throughput")
     tried = fake_curve(tuner, PEAKED)
     result = tuner.search("fp32")
-    assert tried == [2, 4, 8, 16, 32, 64]
+    assert tried == [16, 32, 64]
     assert result.chosen == 16 and result.peak_batch == 16
     assert result.stop_reason.startswith("memory edge not searched: throughput peaked at 16")
 
 
+@pytest.mark.parametrize("objective,start,first", [
+    ("goodput", None, 2), ("throughput", None, REFERENCE_BATCH), ("memory", None, REFERENCE_BATCH),
+    ("throughput", 2, 2), ("goodput", 8, 8),
+])
+def test_where_the_search_starts(tiny_data_dir, objective, start, first):
+    tuner = cpu_tuner(tiny_data_dir, objective=objective, start_batch=start)
+    assert tuner.search_start() == first
+    if start is None:  # never above --max-batch
+        assert cpu_tuner(tiny_data_dir, objective=objective, max_batch=4).search_start() == min(first, 4)
+
+
 def test_find_edge_keeps_searching_past_the_peak(tiny_data_dir):
-    tuner = cpu_tuner(tiny_data_dir, objective="throughput", find_edge=True, max_trials=16)
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", find_edge=True, max_trials=16,
+                      start_batch=2)
     tried = fake_curve(tuner, PEAKED)
     result = tuner.search("fp32")
     assert tried == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -170,9 +183,10 @@ def test_goodput_chooses_where_efficiency_falls_faster_than_throughput_rises(tin
     tuner.noise_scale = 16.0
     tried = fake_curve(tuner, RISING)
     result = tuner.search("fp32")
-    # goodput: 16 -> 30.0, 32 -> 44 x 32/48 = 29.3, 64 -> 60 x 0.4 = 24, 128 -> 70 x 32/144 = 15.6
-    assert tried == [2, 4, 8, 16, 32, 64, 128]
-    assert result.stop_reason.startswith("memory edge not searched: goodput peaked at 16")
+    # goodput: 16 -> 30.0, 32 -> 44 x 32/48 = 29.3, 64 -> 60 x 0.4 = 24: 32 and 64 gain
+    # nothing over 16 (32 is within noise of it, so the decline rule alone would try 128).
+    assert tried == [2, 4, 8, 16, 32, 64]
+    assert result.stop_reason.startswith("memory edge not searched: goodput flat past 16")
     assert result.chosen == 16
     assert tuner.goodput.chosen.batch == 16
     row = tuner.goodput.row(64)
@@ -289,7 +303,7 @@ def test_threads_and_workers_are_measured_at_a_capped_batch(tiny_data_dir, monke
     tuner = cpu_tuner(tiny_data_dir, max_workers=1)
     seen = []
 
-    def speed(step, loader_cfg, steps):
+    def speed(step, loader_cfg, steps, warmup=2):
         seen.append(loader_cfg.batch_size)
         return 100.0 + loader_cfg.num_workers
 
@@ -298,6 +312,36 @@ def test_threads_and_workers_are_measured_at_a_capped_batch(tiny_data_dir, monke
     _, decision = tuner.measure_threads_workers(batch, "fp32")
     assert seen and set(seen) == {measured_at}
     assert decision.measured["batch"] == measured_at and tuner.worker_batch == measured_at
+
+
+def _rated(batch, ips, precision="bf16"):
+    return TrialMeasurement(batch=batch, ok=True, reason="ok", peak_bytes=2**20, images_per_s=ips,
+                            seconds=1.0, precision=precision)
+
+
+@pytest.mark.parametrize(("trials", "batch", "expected"), [
+    # 48x48 crops on 2 cores: 0.32 s a step at 8, 0.53 at 16, 0.94 at 32: pairs at 8.
+    ([(8, 25.0), (16, 30.0), (32, 34.0), (64, 35.0)], 64, 8),
+    # The demo model: 0.39 s a step at 64, the cap (4 x 16): pairs at 64.
+    ([(16, 144.0), (32, 156.0), (64, 166.0), (128, 170.0)], 128, 64),
+    # Every step slower than 0.5 s: the smallest measured batch.
+    ([(16, 10.0), (32, 12.0)], 32, 16),
+    # No trial yet (or none at or below the cap): the cap.
+    ([], 256, 64),
+    ([(128, 170.0)], 256, 64),
+])
+def test_pairs_are_measured_where_a_step_is_short(tiny_data_dir, trials, batch, expected):
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.trials_run = [_rated(b, ips) for b, ips in trials]
+    assert tuner.pair_batch(batch, "bf16") == expected
+
+
+def test_pair_batch_reads_the_chosen_precision_only(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir)
+    # The fp32 trial at 16 is slow (0.89 s a step); the bf16 one is quick (0.48 s).
+    tuner.trials_run = [_rated(16, 18.0, "fp32"), _rated(16, 33.0, "bf16"), _rated(32, 34.0)]
+    assert tuner.pair_batch(64, "bf16") == 16
+    assert tuner.pair_batch(64, "fp32") == 16  # nothing quick in fp32: the smallest
 
 
 # -- tables ---------------------------------------------------------------------------------------
