@@ -83,6 +83,23 @@ VARIANTS = {
             {"residual_zero_mean": True, "weights": {"adversarial": 0.0}},
             what="zero_mean + no discriminator",
         ),
+        Variant(
+            "best_low_mse",
+            {"residual_zero_mean": True, "weights": {"adversarial": 0.0, "image_mse": 0.2}},
+            what="best with the image MSE weight 0.7 -> 0.2",
+        ),
+        Variant(
+            "best_lr3",
+            {"residual_zero_mean": True, "weights": {"adversarial": 0.0}},
+            optim={"lr_g": 3e-3},
+            what="best with the generator's learning rate 1e-3 -> 3e-3",
+        ),
+        Variant(
+            "best_lr3_low_mse",
+            {"residual_zero_mean": True, "weights": {"adversarial": 0.0, "image_mse": 0.2}},
+            optim={"lr_g": 3e-3},
+            what="best with lr_g 3e-3 and image MSE weight 0.2",
+        ),
     )
 }
 
