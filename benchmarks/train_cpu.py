@@ -32,7 +32,7 @@ import importlib.util
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,9 @@ class Variant:
     model: dict = field(default_factory=dict)
     optim: dict = field(default_factory=dict)
     what: str = ""
+    decay: bool = False
+    """Both learning rates fall linearly to 10 % of their value over the run's budget
+    (minutes or images): a short run spends its end refining rather than moving."""
 
 
 VARIANTS = {
@@ -82,6 +85,12 @@ VARIANTS = {
             "best",
             {"residual_zero_mean": True, "weights": {"adversarial": 0.0}},
             what="zero_mean + no discriminator",
+        ),
+        Variant(
+            "best_decay",
+            {"residual_zero_mean": True, "weights": {"adversarial": 0.0}},
+            decay=True,
+            what="best with the learning rates decayed linearly to 10 % over the run",
         ),
         Variant(
             "best_low_mse",
@@ -207,6 +216,18 @@ def train_variant(variant: Variant, args, train_pool, val_images, val_messages) 
     seen, train_s, next_eval = 0, 0.0, args.eval_every
     budget_s = args.minutes * 60 if args.minutes else math.inf
     budget_images = args.images or math.inf
+    if variant.decay:
+        base_set_lr = gan._set_lr
+
+        def decayed_lr() -> None:
+            base_set_lr()
+            done = max(train_s / budget_s if math.isfinite(budget_s) else 0.0,
+                       seen / budget_images if math.isfinite(budget_images) else 0.0)
+            factor = 1.0 - 0.9 * min(1.0, done)
+            for group in (*gan.opt_g.param_groups, *gan.opt_d.param_groups):
+                group["lr"] *= factor
+
+        gan._set_lr = decayed_lr
     while seen < budget_images and train_s < budget_s:
         images = random_crops(train_pool, args.batch, args.image_size, data_rng)
         messages = torch.randint(0, 2, (args.batch, args.message_bits), generator=data_rng).float()
