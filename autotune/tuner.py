@@ -586,7 +586,7 @@ class Tuner:
         search_cfg = SearchConfig(
             target_bytes=self.target,
             margin_bytes=int(self.target * cfg.margin_fraction),
-            start=self.search_start(),
+            start=self.search_start(precision),
             max_batch=cfg.max_batch,
             max_trials=cfg.max_trials,
             trial_time_budget_s=cfg.trial_budget_s,
@@ -602,13 +602,21 @@ class Tuner:
             result = replace(result, chosen=self.goodput.chosen.batch)
         return result
 
-    def search_start(self) -> int:
-        """The search's first batch (see :attr:`TuneConfig.start_batch`)."""
+    def search_start(self, precision: str | None = None) -> int:
+        """The search's first batch (see :attr:`TuneConfig.start_batch`): under throughput
+        and memory the reference batch, but only where its precision-phase trial (in
+        ``precision``) fitted under the target; else, like goodput, 2."""
         if self.cfg.start_batch is not None:
             return self.cfg.start_batch
+        small = min(2, self.cfg.max_batch)
         if self.cfg.objective == "goodput":
-            return min(2, self.cfg.max_batch)
-        return min(self.reference_batch, self.cfg.max_batch)
+            return small
+        reference = min(self.reference_batch, self.cfg.max_batch)
+        limit = self.target - int(self.target * self.cfg.margin_fraction)
+        fitted = any(t.batch == reference and t.ok and t.precision in (None, precision)
+                     and t.peak_bytes is not None and t.peak_bytes <= limit
+                     for t in getattr(self, "trials_run", []))
+        return reference if fitted else small
 
     def goodput_score(self) -> Score | None:
         """Goodput (images/s x predicted efficiency at the conservative noise scale) for

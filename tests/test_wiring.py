@@ -143,8 +143,10 @@ PEAKED = {2: 10.0, 4: 20.0, 8: 40.0, 16: 64.0, 32: 50.0, 64: 40.0, 128: 30.0, 25
 
 
 def test_throughput_search_stops_past_the_peak_and_says_so(tiny_data_dir):
-    # Under throughput the search starts at the reference batch (16), not at 2.
+    # Under throughput the search starts at the reference batch (16), not at 2, once the
+    # precision phase has run it under the target.
     tuner = cpu_tuner(tiny_data_dir, objective="throughput")
+    tuner.trials_run = [_rated(REFERENCE_BATCH, 64.0, "fp32")]
     tried = fake_curve(tuner, PEAKED)
     result = tuner.search("fp32")
     assert tried == [16, 32, 64]
@@ -158,9 +160,26 @@ def test_throughput_search_stops_past_the_peak_and_says_so(tiny_data_dir):
 ])
 def test_where_the_search_starts(tiny_data_dir, objective, start, first):
     tuner = cpu_tuner(tiny_data_dir, objective=objective, start_batch=start)
-    assert tuner.search_start() == first
+    # The precision phase ran the reference batch in bf16, and it fitted.
+    tuner.trials_run = [_rated(REFERENCE_BATCH, 100.0, "bf16")]
+    assert tuner.search_start("bf16") == first
     if start is None:  # never above --max-batch
-        assert cpu_tuner(tiny_data_dir, objective=objective, max_batch=4).search_start() == min(first, 4)
+        small = cpu_tuner(tiny_data_dir, objective=objective, max_batch=4)
+        small.trials_run = [_rated(4, 100.0, "bf16")]
+        assert small.search_start("bf16") == min(first, 4)
+
+
+@pytest.mark.parametrize("peak,ok,precision", [
+    (9 * 2**30, True, "bf16"),   # ran, but above the 8 GB target: a failure to the search
+    (2**20, False, "bf16"),      # did not run
+    (2**20, True, "fp32"),       # fitted, but in another precision
+])
+def test_the_reference_batch_starts_the_search_only_where_it_fitted(tiny_data_dir, peak, ok, precision):
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput")
+    trial = _rated(REFERENCE_BATCH, 100.0, precision)
+    trial.peak_bytes, trial.ok = peak, ok
+    tuner.trials_run = [trial]
+    assert tuner.search_start("bf16") == 2
 
 
 def test_find_edge_keeps_searching_past_the_peak(tiny_data_dir):
