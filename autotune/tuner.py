@@ -367,6 +367,9 @@ class Tuner:
         self._context_remeasured = False
         self._datasets = None
         self.trials_run: list[TrialMeasurement] = []
+        self._trials_by_spec: dict[str, TrialMeasurement] = {}
+        """Successful trials by their spec (JSON): asked again, a trial is not re-run."""
+        self.phase_seconds: dict[str, float] = {}
         self.trial_server: TrialServer | None = None
         self.noise: dict | None = None
         """The noise phase's record (objective goodput), for tuned.json."""
@@ -497,10 +500,9 @@ class Tuner:
         precision phase measured), its measurement is reused, not paid twice."""
         spec = self._spec(batch, precision)
         key = json.dumps(asdict(spec), sort_keys=True)
-        done = getattr(self, "_trials_by_spec", {})
-        if key in done:
+        if key in self._trials_by_spec:
             self.report(f"trial: batch {batch}, {precision} (measured already)")
-            return done[key]
+            return self._trials_by_spec[key]
         self.report(f"trial: batch {batch}, {precision}")
         measurement = self._execute(spec)
         measurement.precision = precision
@@ -516,7 +518,7 @@ class Tuner:
                 self.cuda.set_memory_fraction(self._fraction(), self.index)
         self.trials_run.append(measurement)
         if measurement.ok:
-            self._trials_by_spec = {**done, key: measurement}
+            self._trials_by_spec[key] = measurement
         return measurement
 
     def _execute(self, spec: TrialSpec) -> TrialMeasurement:
@@ -585,7 +587,7 @@ class Tuner:
         cfg = self.cfg
         search_cfg = SearchConfig(
             target_bytes=self.target,
-            margin_bytes=int(self.target * cfg.margin_fraction),
+            margin_bytes=self._margin_bytes(),
             start=self.search_start(precision),
             max_batch=cfg.max_batch,
             max_trials=cfg.max_trials,
@@ -602,6 +604,10 @@ class Tuner:
             result = replace(result, chosen=self.goodput.chosen.batch)
         return result
 
+    def _margin_bytes(self) -> int:
+        """The search's safety margin below the target, in bytes."""
+        return int(self.target * self.cfg.margin_fraction)
+
     def search_start(self, precision: str | None = None) -> int:
         """The search's first batch (see :attr:`TuneConfig.start_batch`): under throughput
         and memory the reference batch, but only where its precision-phase trial (in
@@ -612,10 +618,10 @@ class Tuner:
         if self.cfg.objective == "goodput":
             return small
         reference = min(self.reference_batch, self.cfg.max_batch)
-        limit = self.target - int(self.target * self.cfg.margin_fraction)
+        limit = self.target - self._margin_bytes()
         fitted = any(t.batch == reference and t.ok and t.precision in (None, precision)
                      and t.peak_bytes is not None and t.peak_bytes <= limit
-                     for t in getattr(self, "trials_run", []))
+                     for t in self.trials_run)
         return reference if fitted else small
 
     def goodput_score(self) -> Score | None:
@@ -802,13 +808,12 @@ class Tuner:
         def measure_pair(workers: int) -> Rate:
             nonlocal pairs_run
             pairs_run += 1
-            measured_once = pairs_run > 1
             self.report(f"threads x workers: {torch.get_num_threads()} threads, {workers} workers")
             loader_cfg = LoaderSettings(batch, workers, pin_memory=False, persistent_workers=workers > 0,
                                       prefetch_factor=2 if workers else None)
             # One warm-up step per pair: the step itself is warm after the first pair.
             return Rate(self._worker_speed(gan, loader_cfg, max(steps, 3 * workers),
-                                           warmup=1 if measured_once else 2))
+                                           warmup=2 if pairs_run == 1 else 1))
 
         measured, failed = measure_threads_workers(measure_pair, candidates)
         del gan
@@ -837,7 +842,7 @@ class Tuner:
         steps: on 48x48 crops at batch 64, 2 s steps made this phase 90 s of a 315 s
         tuning."""
         cap = min(batch, PAIR_BATCH_FACTOR * self.reference_batch)
-        measured = sorted({t.batch: t for t in getattr(self, "trials_run", [])
+        measured = sorted({t.batch: t for t in self.trials_run
                            if t.ok and t.images_per_s and t.batch <= cap
                            and t.precision in (None, precision)}.values(),
                           key=lambda t: t.batch)
@@ -998,7 +1003,7 @@ class Tuner:
     def _rate_near(self, batch: int) -> float | None:
         """images/s of the successful trial nearest ``batch`` (by ratio; the larger on a
         tie), or None before any: an estimate of a step's cost, for time budgets."""
-        rated = [t for t in getattr(self, "trials_run", []) if t.ok and t.images_per_s]
+        rated = [t for t in self.trials_run if t.ok and t.images_per_s]
         if not rated:
             return None
         nearest = min(rated, key=lambda t: (abs(math.log(t.batch / batch)), -t.batch))
@@ -1051,9 +1056,8 @@ class Tuner:
                             if name not in steps_built:
                                 steps_built[name] = self._step(precision, loader_cfg.batch_size,
                                                                channels_last)
-                            speeds[name].append(self._train_speed(
-                                loader_cfg, precision, steps, channels_last,
-                                step=steps_built[name], warmup=1))
+                            speeds[name].append(self._train_speed(steps_built[name], loader_cfg,
+                                                                  steps))
                     except Exception as exc:  # noqa: BLE001 - an OOM is an outcome
                         if not is_oom(exc):
                             raise
@@ -1079,17 +1083,14 @@ class Tuner:
             self.warnings.append(result["note"])
         return result
 
-    def _train_speed(self, loader_cfg: LoaderSettings, precision: str, steps: int,
-                     channels_last: bool = False, step=None, warmup: int = 2) -> float:
-        """End-to-end images/s of one configuration: its train step (``step``, else a
-        fresh one) fed by a fresh loader, after ``warmup`` untimed steps. The comparison
-        keeps each configuration's step across its rounds and warms up one step: the
-        first allocates the optimiser state, and the loader's queue (drained untrained)
-        refills meanwhile."""
-        gan = step if step is not None else self._step(precision, loader_cfg.batch_size, channels_last)
+    def _train_speed(self, step, loader_cfg: LoaderSettings, steps: int) -> float:
+        """End-to-end images/s of one configuration: its train step (kept across the
+        comparison's rounds) fed by a fresh loader, after one untrained drain of the
+        loader's queue and one warm-up step (the first allocates the optimiser state;
+        the queue refills meanwhile)."""
         depth = loader_cfg.num_workers * (loader_cfg.prefetch_factor or 0)
         loader = self._loader(loader_cfg, steps + depth + 4)
-        return training_images_per_s(gan, loader, steps, warmup=warmup, sync=self._sync)
+        return training_images_per_s(step, loader, steps, warmup=1, sync=self._sync)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -1120,12 +1121,13 @@ class Tuner:
         cfg = self.cfg
         started = time.perf_counter()
         self.trials_run: list[TrialMeasurement] = []
+        self._trials_by_spec = {}
         machine = getattr(self, "machine", None) or self.prepare()
         self.report(f"memory target {format_bytes(self.target)}")
         memory_before = self._process_memory()
 
         world = self.dist.world_size
-        self.phase_seconds: dict[str, float] = {}
+        self.phase_seconds = {}
         with self._phase("precision"):
             own_precisions = self.measure_precisions()
         precisions = own_precisions
@@ -1167,8 +1169,8 @@ class Tuner:
         with self._phase("knobs"):
             # On a CPU at the threads x workers batch (short steps, see pair_batch); on
             # CUDA, where a step is short anyway, at the chosen batch.
-            knobs += self.measure_knobs(getattr(self, "worker_batch", batch)
-                                        if self.device.type == "cpu" else batch, chosen_precision)
+            knobs += self.measure_knobs(self.worker_batch if self.device.type == "cpu" else batch,
+                                        chosen_precision)
         knobs = self.dist.broadcast_object(knobs)
         knob_value = {k.knob: k.value for k in knobs}
         with self._phase("storage"):

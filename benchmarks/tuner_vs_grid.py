@@ -176,10 +176,6 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
     bench, measure = grid_protocol(tune_cfg, args.steps)
     cores = bench.host.usable_cores
 
-    def loader_of(choice) -> LoaderConfig:
-        return LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
-                            choice.persistent_workers, choice.prefetch_factor)
-
     # (a) seed default vs tuned, alternated, per objective.
     speedups = {}
     for objective, (_, result, _) in runs.items():
@@ -264,6 +260,12 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
     return summaries
 
 
+def loader_of(choice) -> LoaderConfig:
+    """The loader settings of a tuned choice."""
+    return LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
+                        choice.persistent_workers, choice.prefetch_factor)
+
+
 def recheck_picks(measure, best: dict, choices: dict, rounds: int) -> dict:
     """The grid's best point and each pick, re-measured in alternation (``rounds``
     rounds, the grid protocol), median against median. The grid's best is the maximum
@@ -273,8 +275,7 @@ def recheck_picks(measure, best: dict, choices: dict, rounds: int) -> dict:
                                persistent_workers=best["workers"] > 0)
     out = {}
     for objective, choice in choices.items():
-        loader = LoaderConfig(choice.batch_size, choice.num_workers, choice.pin_memory,
-                              choice.persistent_workers, choice.prefetch_factor)
+        loader = loader_of(choice)
         best_runs, pick_runs = [], []
         for _ in range(rounds):
             best_runs.append(measure(best_loader, best["precision"], best["channels_last"],
