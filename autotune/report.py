@@ -11,6 +11,7 @@ from rich.text import Text
 from autotune.errors import UserError
 from autotune.console import say, warn
 from autotune.memory import format_bytes
+from autotune.search import RUNOFF_MARGIN
 from autotune.tuned import TunedChoice
 from autotune.tuner import TuneResult
 from autotune.workload import Baseline
@@ -79,11 +80,12 @@ def trials_table(result: TuneResult) -> Table:
     stops = {}
     for m in result.tuned.measurements.get("trials", []):
         stops.setdefault(m.get("batch"), m.get("timing_stop", ""))
+    chosen = searched_batch(result)
     for i, t in enumerate(result.search.trials, 1):
         converged = stops.get(t.batch, "converged") in ("converged", "")
         pct = f"{100 * t.peak_bytes / result.target_bytes:.0f} %" if t.peak_bytes else "-"
         outcome = t.reason + (" (fit)" if t.predicted else "") + (f": {t.detail}" if t.detail and not t.ok else "")
-        mark = " *" if t.batch == result.search.chosen else ""
+        mark = " *" if t.batch == chosen else ""
         table.add_row(str(i), f"{t.batch}{mark}", format_bytes(t.peak_bytes) if t.peak_bytes else "-",
                       pct, _fmt_rate_ci(t.images_per_s, t.images_per_s_rel_ci, converged),
                       f"{t.seconds:.1f}", outcome)
@@ -91,6 +93,30 @@ def trials_table(result: TuneResult) -> Table:
         table.caption = ("larger batches were not tried: they could not change the answer "
                          "(--find-edge searches the memory edge anyway)")
     return table
+
+
+def searched_batch(result: TuneResult) -> int:
+    """The batch the tuning settled on: the runoff's winner when there was one, else the
+    search's choice (before the verdict, which may fall back to the baseline)."""
+    runoff = (result.tuned.measurements.get("comparison") or {}).get("runoff")
+    return runoff["chosen"] if runoff else result.search.chosen
+
+
+def runoff_line(measurements: dict) -> str | None:
+    """'batch 64 and 128 were within noise in the search; end to end, alternated (2
+    rounds): 64 131.2, 128 139.0 images/s: 128' (None without a runoff)."""
+    runoff = (measurements.get("comparison") or {}).get("runoff")
+    if not runoff:
+        return None
+    batches = list(runoff["rounds"])
+    rounds = max((len(r) for r in runoff["rounds"].values()), default=0)
+    scores = ", ".join(f"{b} {_fmt_rate(runoff['scores'].get(b))}" if b in runoff["scores"]
+                       else f"{b} did not fit" for b in batches)
+    kept = runoff["chosen"]
+    why = (f"the search's choice stands (a challenger must win by more than {100 * RUNOFF_MARGIN:g} %)"
+           if kept == runoff["search_chosen"] else f"batch {kept} wins")
+    return (f"batch {' and '.join(batches)} were within noise of each other in the search; "
+            f"end to end, in {rounds} alternated rounds, {runoff['score']}: {scores}: {why}")
 
 
 def noise_table(result: TuneResult) -> Table | None:
@@ -315,6 +341,9 @@ def print_report(console, result: TuneResult) -> None:
     if noise is not None:
         console.print(noise)
     console.print(trials_table(result))
+    runoff = runoff_line(result.tuned.measurements)
+    if runoff:
+        say(runoff, to=console)
     good = goodput_table(result)
     if good is not None:
         console.print(good)
@@ -355,7 +384,7 @@ def plot_trials(result: TuneResult, path: str | Path) -> Path:
     for t in failed:
         ax_speed.axvline(t.batch, color="tab:red", alpha=0.3)
     ax_mem.axhline(result.target_bytes / 2**30, color="tab:orange", alpha=0.5, linestyle=":", label="target")
-    ax_speed.axvline(result.search.chosen, color="tab:green", alpha=0.6, label="chosen")
+    ax_speed.axvline(searched_batch(result), color="tab:green", alpha=0.6, label="chosen")
     ax_speed.set_xscale("log", base=2)
     ax_speed.set_xlabel("batch size")
     ax_speed.set_ylabel("train step images/s")

@@ -92,6 +92,7 @@ from autotune.memory import format_bytes
 __all__ = [
     "OBJECTIVES",
     "REASONS",
+    "RUNOFF_MARGIN",
     "THROUGHPUT",
     "Score",
     "SearchConfig",
@@ -104,6 +105,8 @@ __all__ = [
     "peak_passed",
     "plateau_reached",
     "resolution",
+    "runoff_batches",
+    "runoff_winner",
     "search_batch",
 ]
 
@@ -374,6 +377,61 @@ def choose_batch(
         return max(t.batch for t in successes)
     best = max(value for _, value, _ in scored)
     return max(t.batch for t, value, _ in scored if value >= (1 - tolerance) * best)
+
+
+def runoff_batches(
+    trials: Iterable[TrialOutcome], chosen: int, score: Score | None = None,
+    tolerance: float = 0.03, limit: int = 2,
+) -> list[int]:
+    """The batches the search could not tell apart: ``chosen`` first, then, by score,
+    up to ``limit - 1`` other successes whose score is not :func:`clearly_below` the
+    best (beyond both the tolerance and the two confidence intervals).
+
+    On a flat curve (images/s within a few per cent from batch 32 to 128, each trial
+    +-10 % on a loaded CPU) the search's own choice among those is a coin toss; the
+    tuner re-measures them end to end, in alternation, before choosing
+    (:func:`runoff_winner`). ``[chosen]`` alone when nothing else is that close, or
+    when ``chosen`` has no score (the memory objective, a trial without a rate).
+    """
+    if limit < 1:
+        raise ConfigError(f"runoff limit must be at least 1, got {limit!r}")
+    latest: dict[int, TrialOutcome] = {}
+    for t in trials:
+        if t.ok:
+            latest[t.batch] = t
+    scored = _scored(list(latest.values()), score or THROUGHPUT)
+    if chosen not in {t.batch for t, _, _ in scored}:
+        return [chosen]
+    _, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    close = sorted(((value, t.batch) for t, value, ci in scored
+                    if t.batch != chosen and not clearly_below(value, ci, best, best_ci, tolerance)),
+                   reverse=True)
+    return [chosen] + [batch for _, batch in close[:limit - 1]]
+
+
+#: How much better (a fraction) a challenger must score in the runoff to replace the
+#: search's choice. Each end-to-end reading on the shared 2-core machine varies by
+#: +-10-15 % between rounds; the search's choice carries its own rule (the largest
+#: batch within 3 % under throughput, the smallest under goodput), which a runoff of
+#: two or three rounds should overturn only on clear evidence.
+RUNOFF_MARGIN = 0.05
+
+
+def runoff_winner(scores: dict[int, float], incumbent: int, margin: float = RUNOFF_MARGIN) -> int:
+    """The runoff's batch: the best-scoring challenger when it beats ``incumbent`` (the
+    search's choice) by more than ``margin``; else ``incumbent``. Each score is the
+    median of alternated, end-to-end rounds (under goodput times the batch's
+    efficiency). An incumbent without a score (it did not fit end to end) loses to the
+    best challenger."""
+    if not scores:
+        raise ValueError("no runoff score to choose from")
+    if incumbent not in scores:
+        return max(scores, key=lambda batch: (scores[batch], batch))
+    challengers = {b: v for b, v in scores.items() if b != incumbent}
+    if not challengers:
+        return incumbent
+    best = max(challengers, key=lambda batch: (challengers[batch], batch))
+    return best if challengers[best] > (1 + margin) * scores[incumbent] else incumbent
 
 
 def clearly_below(

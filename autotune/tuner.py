@@ -104,7 +104,15 @@ from autotune.knobs import (
     not_applicable,
     thread_worker_candidates,
 )
-from autotune.search import Score, SearchConfig, SearchError, SearchResult, search_batch
+from autotune.search import (
+    Score,
+    SearchConfig,
+    SearchError,
+    SearchResult,
+    runoff_batches,
+    runoff_winner,
+    search_batch,
+)
 from autotune.timing import TimingConfig
 from autotune.trial import (
     TrialMeasurement, TrialSpec, run_trial, run_trial_in_process, run_trial_subprocess,
@@ -187,6 +195,11 @@ class TuneConfig:
     ``NOISE_MIN_STEPS`` measurements, even short of ``noise_steps`` (its standard error
     is then larger, and the conservative estimate lower, which the table shows)."""
     compare_rounds: int = 2
+    runoff: int = 2
+    """Batches the search could not tell apart (scores within each other's noise) that
+    are re-measured end to end, in alternation, in the comparison phase before the
+    batch is final (the chosen one included; 1: none). Not under the memory objective,
+    nor under DDP (the ranks would have to agree on the runoff too)."""
     max_workers: int | None = None
     seed: int = 0
     channels_last: bool = False
@@ -214,7 +227,7 @@ class TuneConfig:
         if self.from_checkpoint is not None and self.objective != "goodput":
             raise ConfigError("--from-checkpoint measures the noise scale: it needs --objective goodput")
         for name in ("start_batch", "max_batch", "max_trials", "worker_steps",
-                     "compare_steps", "compare_rounds", "noise_steps", "planned_epochs"):
+                     "compare_steps", "compare_rounds", "runoff", "noise_steps", "planned_epochs"):
             value = getattr(self, name)
             if name == "start_batch" and value is None:
                 continue
@@ -1027,20 +1040,52 @@ class Tuner:
         return self.cfg.lr_rule, None
 
     # -- phase 6: seed default vs recommendation -------------------------------------------------
+    def runoff_challengers(self, result: SearchResult) -> list[int]:
+        """The batches the comparison re-measures beside the search's choice
+        (``TuneConfig.runoff``): those whose search score lies within the noise of the
+        best. None under the memory objective (the largest fit is the answer), under
+        goodput without a usable noise scale (the batch stays at the reference), and
+        under DDP (every rank would have to run and agree on the same runoff)."""
+        cfg = self.cfg
+        if (cfg.runoff < 2 or cfg.objective == "memory" or self.dist.distributed
+                or (cfg.objective == "goodput" and self.noise_scale is None)):
+            return []
+        batches = runoff_batches(result.trials, result.chosen, self.goodput_score(),
+                                 limit=cfg.runoff)
+        return batches[1:]
+
+    def _runoff_score(self) -> Callable[[int, float], float] | None:
+        """Under goodput the runoff ranks images/s x the batch's predicted efficiency;
+        None (images/s) otherwise."""
+        if self.cfg.objective != "goodput" or self.noise_scale is None:
+            return None
+        noise, reference = self.noise_scale, self.reference_batch
+        return lambda batch, rate: rate * efficiency(batch, reference, noise)
+
     def compare(self, loader: LoaderSettings, precision: str, channels_last: bool = False,
-                threads: int | None = None) -> dict:
+                threads: int | None = None, challengers: tuple[int, ...] | list[int] = (),
+                score: Callable[[int, float], float] | None = None) -> dict:
         """Alternate the workload's baseline and the recommendation (``loader``,
         ``precision``, ``channels_last``, ``threads``), each trained end to end on the same
         data for about the same number of images; the median of the rounds counts.
+
+        ``challengers``: other batches the search could not tell apart from
+        ``loader.batch_size`` (:func:`~autotune.search.runoff_batches`), measured in the
+        same rounds with the same settings. The runoff's winner
+        (:func:`~autotune.search.runoff_winner` of ``score(batch, median images/s)``,
+        default the median itself: a challenger must beat the search's choice by more
+        than :data:`~autotune.search.RUNOFF_MARGIN`) becomes the recommendation; the
+        record's ``runoff`` keeps every candidate's rounds.
 
         Under the memory target like every other phase. A configuration that does not
         fit there (ARWGAN's baseline is fp32 at batch 16) is reported in a sentence, not
         raised: the search result stands. (The record keeps the key ``seed_default`` for
         the baseline.)"""
-        configs = {
-            "seed_default": (self.baseline.loader(), self.baseline.precision, False, None),
-            "recommended": (loader, precision, channels_last, threads),
-        }
+        candidates = [loader.batch_size] + [b for b in challengers if b != loader.batch_size]
+        configs = {"seed_default": (self.baseline.loader(), self.baseline.precision, False, None)}
+        for batch in candidates:
+            configs[f"batch {batch}"] = (replace(loader, batch_size=batch), precision,
+                                         channels_last, threads)
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         failed: dict[str, str] = {}
         steps_built: dict[str, object] = {}  # each config's train step, kept across rounds
@@ -1062,24 +1107,47 @@ class Tuner:
                         if not is_oom(exc):
                             raise
                         failed[name] = str(exc).splitlines()[0][:160] if str(exc) else "out of memory"
+                        speeds[name] = []
                         steps_built.pop(name, None)
                     finally:
                         self._release()
             steps_built.clear()
+        medians = {b: statistics.median(speeds[f"batch {b}"]) for b in candidates
+                   if speeds[f"batch {b}"]}
+        winner = loader.batch_size
+        if len(candidates) > 1 and medians:
+            value = score or (lambda batch, rate: rate)
+            winner = runoff_winner({b: value(b, rate) for b, rate in medians.items()},
+                                   incumbent=loader.batch_size)
         seed = statistics.median(speeds["seed_default"]) if speeds["seed_default"] else None
-        rec = statistics.median(speeds["recommended"]) if speeds["recommended"] else None
+        rec = medians.get(winner)
         result = {
             "seed_default_images_per_s": seed,
             "recommended_images_per_s": rec,
             "speedup": rec / seed if seed and rec else None,
-            "rounds": speeds,
+            "rounds": {"seed_default": speeds["seed_default"],
+                       "recommended": speeds[f"batch {winner}"]},
         }
-        if failed:
-            words = {"seed_default": f"the {self.baseline.label} (batch {self.baseline.batch_size}, {self.baseline.precision})",
-                     "recommended": "the recommendation"}
-            result["note"] = "; ".join(
-                f"{words[name]} does not fit under {format_bytes(self.target)}" for name in failed
-            )
+        if len(candidates) > 1:
+            result["runoff"] = {
+                "search_chosen": loader.batch_size,
+                "chosen": winner,
+                "rounds": {str(b): speeds[f"batch {b}"] for b in candidates},
+                "scores": {str(b): (score or (lambda batch, rate: rate))(b, rate)
+                           for b, rate in medians.items()},
+                "score": "images/s" if score is None else "goodput",
+            }
+        notes = []
+        if "seed_default" in failed:
+            notes.append(f"the {self.baseline.label} (batch {self.baseline.batch_size}, "
+                         f"{self.baseline.precision}) does not fit under {format_bytes(self.target)}")
+        if len(candidates) == 1 and f"batch {loader.batch_size}" in failed:
+            notes.append(f"the recommendation does not fit under {format_bytes(self.target)}")
+        elif len(candidates) > 1:
+            notes += [f"batch {b} (runoff) does not fit under {format_bytes(self.target)}"
+                      for b in candidates if f"batch {b}" in failed]
+        if notes:
+            result["note"] = "; ".join(notes)
             self.warnings.append(result["note"])
         return result
 
@@ -1173,6 +1241,22 @@ class Tuner:
                                         chosen_precision)
         knobs = self.dist.broadcast_object(knobs)
         knob_value = {k.knob: k.value for k in knobs}
+        channels_last = bool(knob_value.get("channels_last", cfg.channels_last))
+        pin_memory = self.device.type == "cuda"
+        recommended = LoaderSettings(batch, best.workers, pin_memory, best.workers > 0,
+                                     best.prefetch_factor)
+        with self._phase("comparison"):
+            own_comparison = self.compare(recommended, chosen_precision, channels_last, threads,
+                                          self.runoff_challengers(result), self._runoff_score())
+        comparison = own_comparison
+        if self.dist.distributed:
+            comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
+        runoff = comparison.get("runoff")
+        if runoff and runoff["chosen"] != batch:
+            batch = runoff["chosen"]
+            if self.goodput is not None:
+                self.goodput = replace(self.goodput, chosen=self.goodput.row(batch))
+            chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
         with self._phase("storage"):
             storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 
@@ -1187,7 +1271,7 @@ class Tuner:
         choice = TunedChoice(
             batch_size=batch,
             num_workers=best.workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=pin_memory,
             persistent_workers=best.workers > 0,
             prefetch_factor=best.prefetch_factor,
             precision=chosen_precision,
@@ -1197,19 +1281,12 @@ class Tuner:
             lr_rule=rule,
             objective=cfg.objective,
             world_size=world,
-            channels_last=bool(knob_value.get("channels_last", cfg.channels_last)),
+            channels_last=channels_last,
             noise_scale=noise_scale,
             cpu_threads=threads,
             compile=bool(knob_value.get("compile", False)),
             cudnn_benchmark=knob_value.get("cudnn_benchmark"),
         )
-        recommended = LoaderSettings(batch, best.workers, choice.pin_memory,
-                                     choice.persistent_workers, choice.prefetch_factor)
-        with self._phase("comparison"):
-            own_comparison = self.compare(recommended, chosen_precision, choice.channels_last, threads)
-        comparison = own_comparison
-        if self.dist.distributed:
-            comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
         # Recommend only what was measured faster than the seed default (pure rule); under
         # goodput "faster" means more predicted training progress per second.
         efficiency = (self.goodput.chosen.efficiency

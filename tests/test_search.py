@@ -22,6 +22,8 @@ from autotune.search import (
     plateau_reached,
     peak_passed,
     resolution,
+    runoff_batches,
+    runoff_winner,
     search_batch,
 )
 
@@ -717,3 +719,69 @@ def test_stopping_rule_settings_are_validated(field, value):
 def test_negative_confidence_interval_is_refused():
     with pytest.raises(ValueError, match="confidence interval"):
         TrialOutcome(8, True, None, 10.0, 0.1, "ok", images_per_s_rel_ci=-0.01)
+
+
+# -- the runoff: batches the search could not tell apart ------------------------------------------
+def _trial(batch, ips, ci, ok=True):
+    return TrialOutcome(batch=batch, ok=ok, peak_bytes=batch if ok else None,
+                        images_per_s=ips if ok else None, seconds=1.0,
+                        reason="ok" if ok else "oom", images_per_s_rel_ci=ci if ok else None)
+
+
+# The demo model on this 2-core machine (fifth session): 16 101 +-3 %, 32 113 +-6 %,
+# 64 144 +-13 %, 128 141 +-17 %; the search kept 128 (within 3 % of 144).
+DEMO_TOP = [_trial(16, 101.1, 0.03), _trial(32, 113.1, 0.06), _trial(64, 144.4, 0.13),
+            _trial(128, 140.9, 0.17)]
+
+
+def test_runoff_takes_the_batches_within_each_others_noise():
+    # 32 is clearly below 144 (113 x 1.06 = 120 < 144 x 0.87 = 126): not a candidate.
+    assert runoff_batches(DEMO_TOP, chosen=128) == [128, 64]
+    assert runoff_batches(DEMO_TOP, chosen=128, limit=3) == [128, 64]
+    # Wider intervals bring 32 in; the limit keeps the best-scoring ones.
+    wide = [_trial(32, 113.1, 0.2)] + DEMO_TOP[2:]
+    assert runoff_batches(wide, chosen=128, limit=3) == [128, 64, 32]
+    assert runoff_batches(wide, chosen=128, limit=2) == [128, 64]
+
+
+def test_no_runoff_when_the_search_told_the_batches_apart():
+    clear = [_trial(16, 60.0, 0.02), _trial(32, 100.0, 0.02), _trial(64, 80.0, 0.02)]
+    assert runoff_batches(clear, chosen=32) == [32]
+    assert runoff_batches(DEMO_TOP, chosen=128, limit=1) == [128]
+    # A 2 % gap is inside the 3 % tolerance: never clearly below, however tight the
+    # intervals (clearly_below needs both conditions).
+    close = [_trial(32, 100.0, 0.005), _trial(64, 98.0, 0.005)]
+    assert runoff_batches(close, chosen=32) == [32, 64]
+
+
+def test_runoff_ignores_failures_and_unscored_trials_and_reads_the_latest_retry():
+    trials = [_trial(64, 144.0, 0.1), _trial(128, 10.0, 0.1), _trial(256, None, None, ok=False),
+              _trial(128, 141.0, 0.1)]  # 128 measured again: the later reading counts
+    assert runoff_batches(trials, chosen=64) == [64, 128]
+    # The chosen batch without a score (the memory objective's largest fit): no runoff.
+    unscored = [_trial(64, 144.0, 0.1), TrialOutcome(batch=96, ok=True, peak_bytes=1,
+                                                     images_per_s=None, seconds=1.0, reason="ok")]
+    assert runoff_batches(unscored, chosen=96) == [96]
+    with pytest.raises(ConfigError):
+        runoff_batches(DEMO_TOP, chosen=128, limit=0)
+
+
+def test_runoff_reads_the_objectives_score():
+    # Goodput halves the larger batch's worth: 128 is then clearly below 64.
+    halved = Score("goodput", lambda t: None if t.images_per_s is None
+                   else t.images_per_s * (0.5 if t.batch == 128 else 1.0))
+    assert runoff_batches(DEMO_TOP, chosen=64, score=halved) == [64]
+
+
+def test_a_challenger_must_beat_the_search_choice_clearly():
+    # The fifth session's demo run: 128 (the search's) 116.7, 32 118.5: 1.5 % is noise.
+    assert runoff_winner({128: 116.7, 32: 118.5}, incumbent=128) == 128
+    assert runoff_winner({128: 116.7, 32: 123.0}, incumbent=128) == 32  # 5.4 % better
+    assert runoff_winner({128: 100.0, 64: 105.0}, incumbent=128) == 128  # exactly 5 %: kept
+    assert runoff_winner({128: 100.0, 64: 110.0, 32: 108.0}, incumbent=128) == 64
+    assert runoff_winner({128: 100.0, 64: 102.0}, incumbent=128, margin=0.0) == 64
+    # The incumbent did not fit end to end: the best challenger; alone, itself.
+    assert runoff_winner({64: 90.0, 32: 95.0}, incumbent=128) == 32
+    assert runoff_winner({128: 90.0}, incumbent=128) == 128
+    with pytest.raises(ValueError):
+        runoff_winner({}, incumbent=128)

@@ -20,6 +20,7 @@ from arwgan.config import ModelConfig, TrainConfig
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, FakeTorchCudaProbe, HostInfo, Probes
 from autotune.timing import STOPS, TimingConfig
 from autotune.trial import TrialMeasurement, TrialSpec, run_trial
+from autotune.workload import LoaderSettings
 from arwgan.tuning import TuneConfig, Tuner
 from arwgan.workload import REFERENCE_BATCH
 
@@ -522,3 +523,145 @@ def test_new_cli_flags_fail_in_one_line(flags, fragment):
     result = CliRunner().invoke(app, ["--device", "cpu", *flags])
     assert result.exit_code == 2, result.output
     assert_one_error_line(result.stderr, fragment)
+
+
+# -- the runoff: batches the search could not tell apart, re-measured end to end ------------------
+# The demo model's top on 2 cores (fifth session): 64 and 128 within each other's noise.
+FLAT_TOP = {16: 101.0, 32: 113.0, 64: 144.0, 128: 141.0}
+
+
+def fake_speeds(tuner: Tuner, rates: dict[int, list[float]]) -> list[int]:
+    """End-to-end speeds by batch (one value per round; the seed default's batch 16 is
+    in ``rates`` too); returns the batches measured, in order."""
+    measured, calls = [], {}
+
+    def train_speed(step, loader_cfg, steps):
+        batch = loader_cfg.batch_size
+        measured.append(batch)
+        calls[batch] = calls.get(batch, -1) + 1
+        return rates[batch][calls[batch]]
+
+    tuner._train_speed = train_speed
+    tuner._step = lambda precision, batch, channels_last=None: object()
+    return measured
+
+
+def test_throughput_runoff_of_the_batches_within_noise(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", max_batch=128)
+    tuner.trials_run = [_rated(REFERENCE_BATCH, 101.0, "fp32")]
+    fake_curve(tuner, FLAT_TOP, rel_ci=0.15)
+    result = tuner.search("fp32")
+    assert result.chosen == 128  # the search's tolerance rule: within 3 % of 144, the larger
+    assert tuner.runoff_challengers(result) == [64]
+    measured = fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [141.0, 144.0]})
+    loader = LoaderSettings(128, 1, False, True, 2)
+    comparison = tuner.compare(loader, "fp32", challengers=[64])
+    # Alternated: the seed default, the search's choice, the challenger, every round.
+    assert measured == [16, 128, 64, 16, 128, 64]
+    assert comparison["runoff"]["chosen"] == 64 and comparison["runoff"]["search_chosen"] == 128
+    # 64's median 142.5 beats 128's 132.5 by 7.5 %, more than the 5 % margin.
+    assert comparison["runoff"]["rounds"] == {"128": [130.0, 135.0], "64": [141.0, 144.0]}
+    assert comparison["recommended_images_per_s"] == pytest.approx(142.5)
+    assert comparison["rounds"]["recommended"] == [141.0, 144.0]
+    assert comparison["speedup"] == pytest.approx(142.5 / 71.0)
+    # Within the margin (3 %), the search's choice stands.
+    fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [135.0, 138.0]})
+    comparison = tuner.compare(loader, "fp32", challengers=[64])
+    assert comparison["runoff"]["chosen"] == 128
+    assert comparison["recommended_images_per_s"] == pytest.approx(132.5)
+
+
+def test_goodput_runoff_weighs_each_batch_by_its_efficiency(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.noise_scale = 16.0
+    # At B_noise 16 (reference 16) an image at batch 8 is worth 32/24 and one at batch 32
+    # 32/48 of one at 16: batch 8 at 22 img/s (goodput 29.3) beats batch 32 at 40 img/s
+    # (goodput 26.7), though 32 runs almost twice the images/s.
+    fake_speeds(tuner, {16: [30.0, 30.0], 8: [22.0, 22.0], 32: [40.0, 40.0]})
+    comparison = tuner.compare(LoaderSettings(32), "fp32", challengers=[8],
+                               score=tuner._runoff_score())
+    assert comparison["runoff"]["chosen"] == 8
+    assert comparison["runoff"]["scores"]["8"] == pytest.approx(22.0 * 32 / 24)
+    assert comparison["runoff"]["score"] == "goodput"
+    assert comparison["runoff"]["scores"]["32"] == pytest.approx(40.0 * 32 / 48)
+
+
+@pytest.mark.parametrize("overrides,noise,expected", [
+    ({"objective": "throughput"}, None, [64]),
+    ({"objective": "throughput", "runoff": 1}, None, []),   # turned off
+    ({"objective": "memory"}, None, []),                    # the largest fit is the answer
+    ({"objective": "goodput"}, None, []),                   # no noise scale: the reference batch
+])
+def test_when_there_is_a_runoff(tiny_data_dir, overrides, noise, expected):
+    from autotune.search import SearchResult, TrialOutcome
+
+    tuner = cpu_tuner(tiny_data_dir, **overrides)
+    tuner.noise_scale = noise
+    trials = [TrialOutcome(batch=b, ok=True, peak_bytes=b, images_per_s=v, seconds=1.0, reason="ok",
+                           images_per_s_rel_ci=0.15) for b, v in FLAT_TOP.items()]
+    result = SearchResult(trials=trials, chosen=128, stop_reason="reached max batch 128")
+    assert tuner.runoff_challengers(result) == expected
+
+
+def test_a_challenger_that_does_not_fit_is_named_and_the_choice_stands(tiny_data_dir):
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput")
+    fake_speeds(tuner, {16: [70.0, 70.0], 128: [130.0, 131.0]})
+    real = tuner._train_speed
+
+    def train_speed(step, loader_cfg, steps):
+        if loader_cfg.batch_size == 256:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(step, loader_cfg, steps)
+
+    tuner._train_speed = train_speed
+    comparison = tuner.compare(LoaderSettings(128), "fp32", challengers=[256])
+    assert comparison["runoff"]["chosen"] == 128
+    assert comparison["runoff"]["rounds"]["256"] == []
+    assert "batch 256 (runoff) does not fit" in comparison["note"]
+
+
+def test_the_tables_mark_the_runoffs_batch_and_say_why():
+    from dataclasses import replace
+
+    from autotune.report import print_report, runoff_line, trials_table
+
+    result = goodput_result()
+    m = dict(result.tuned.measurements)
+    m["comparison"] = dict(m["comparison"], runoff={
+        "search_chosen": 32, "chosen": 16, "rounds": {"32": [88.0, 90.0], "16": [50.0, 52.0]},
+        "scores": {"32": 45.0, "16": 51.0}, "score": "goodput"})
+    result = replace(result, tuned=replace(result.tuned, measurements=m))
+    line = runoff_line(m)
+    assert line == ("batch 32 and 16 were within noise of each other in the search; end to end, "
+                    "in 2 alternated rounds, goodput: 32 45.0, 16 51.0: batch 16 wins")
+    text = render(trials_table(result))
+    assert "16 *" in text and "32 *" not in text
+    # Printed whole on a line of its own, however narrow the terminal.
+    out = io.StringIO()
+    print_report(Console(file=out, width=40), result)
+    assert line in out.getvalue().splitlines()
+    m["comparison"]["runoff"]["chosen"] = 32
+    assert runoff_line(m).endswith("the search's choice stands (a challenger must win by more than 5 %)")
+
+
+def test_the_runoffs_winner_is_what_the_tuned_file_holds(tiny_data_dir):
+    from autotune.decisions import WorkerMeasurement
+    from autotune.knobs import KnobDecision
+
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", max_batch=128, precision="fp32",
+                      start_batch=16)
+    fake_curve(tuner, FLAT_TOP, rel_ci=0.15)
+    zero = WorkerMeasurement(0, None, 140.0)
+    tuner.measure_threads_workers = lambda batch, precision: (
+        [zero, zero], KnobDecision("threads_workers", {"threads": 2, "workers": 0}, "fake"))
+    tuner.worker_batch = 64
+    tuner.measure_knobs = lambda batch, precision: []
+    tuner.check_storage = lambda rate, workers: None
+    fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [139.0, 141.0]})
+    result = tuner.run()
+    tuned = result.tuned
+    assert result.search.chosen == 128  # the search's pick, kept on record
+    assert tuned.choice.batch_size == 64  # the runoff's
+    assert tuned.measurements["comparison"]["runoff"]["chosen"] == 64
+    assert tuned.choice.learning_rates == tuner.lrs(64)
+    assert tuned.measurements["step_images_per_s"] == FLAT_TOP[64]
