@@ -3,7 +3,8 @@
 (a) seed default vs tuned: the seed report's configuration (batch 16, 4 workers, fp32,
     no pinning) and the tuner's recommendation alternate, each trained end to end for the
     same number of steps on the same data; the ratio of medians is printed.
-(b) exhaustive grid: every batch (powers of two up to the largest that fits the target)
+(b) exhaustive grid: every batch (powers of two up to --max-batch, below any batch a
+    tuner's trial found over the target)
     x every worker count the tuner considers x every precision (x channels_last x CPU
     threads with --grid-knobs), each trained end to end the same way. Printed: how close
     the tuner's choice comes to the grid's best images/s (goal >= 95 %) and the tuner's
@@ -196,8 +197,12 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
               flush=True)
 
     # (b) the grid, once.
-    largest_ok = max(t.batch for _, result, _ in runs.values() for t in result.search.trials if t.ok)
-    batches = [b for b in (2**i for i in range(1, 20)) if b <= largest_ok]
+    # Every power of two up to --max-batch, whatever the tuner's search tried (a grid bounded
+    # by the search would hide what the search skipped), except where a tuner's trial
+    # already failed or went over the target.
+    failed = [t.batch for _, result, _ in runs.values() for t in result.search.trials if not t.ok]
+    limit = min([args.max_batch] + [b - 1 for b in failed])
+    batches = [b for b in (2**i for i in range(1, 20)) if b <= limit]
     workers = worker_candidates(cores, args.max_workers)
     precisions = bench.precision_candidates()
     layouts = [False, True] if args.grid_knobs else [False]
