@@ -327,8 +327,16 @@ def show_tuned(ctx: typer.Context, path: Path, as_json: bool) -> None:
         shown = result_from_tuned(tuned)
     except UserError as exc:
         raise fail(str(exc)) from None
-    console.print(machine_table(shown.machine))
-    print_report(console, shown)
+    # Rendered whole before anything is printed: a hand-edited measurement (a field of the
+    # wrong type, a key removed) is one error line, not half the tables and a traceback.
+    try:
+        with console.capture() as captured:
+            console.print(machine_table(shown.machine))
+            print_report(console, shown)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise fail(f"tuned file {path}: its measurements cannot be shown, edited by hand? "
+                   f"({type(exc).__name__}: {exc}); re-run the tuner to write a new one") from None
+    console.file.write(captured.get())
 
 
 def _status(text: str, enabled: bool):

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
-from autotune.search import clearly_below
+from autotune.search import RUNOFF_MARGIN, clearly_below, runoff_label
 from autotune.timing import TimingConfig, TimingResult, time_adaptively
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "KnobDecision",
     "Rate",
     "ThreadsWorkers",
+    "channels_last_from_runoff",
     "choose_compile",
     "choose_threads_workers",
     "choose_toggle",
@@ -130,6 +132,32 @@ def choose_toggle(
         return KnobDecision(knob, True, f"on: x{ratio:.2f} ({on} vs {off})", measured)
     return KnobDecision(knob, False, f"off: x{ratio:.2f}, not faster beyond noise ({on} vs {off})",
                         measured)
+
+
+def channels_last_from_runoff(runoff: dict, margin: float = RUNOFF_MARGIN) -> KnobDecision:
+    """The channels_last verdict the comparison's runoff reached (``Tuner.compare``'s
+    record: the search's batch trained end to end with channels_last off and on, in
+    the same alternated rounds), as the knobs table shows it. The value is the
+    runoff's: on only when that configuration won by more than ``margin``."""
+    batch = runoff["search_chosen"]
+    rounds = runoff["rounds"]
+    off = rounds.get(runoff_label(batch, False)) or []
+    on = rounds.get(runoff_label(batch, True)) or []
+    value = bool(runoff["chosen_channels_last"])
+    measured = {"batch": batch, "off_rounds": off, "on_rounds": on, "where": "runoff"}
+    if not on or not off:
+        failed = "on" if not on else "off"
+        return KnobDecision("channels_last", value,
+                            f"{'on' if value else 'off'}: {failed} did not run end to end at batch {batch}",
+                            measured)
+    off_rate, on_rate = statistics.median(off), statistics.median(on)
+    ratio = on_rate / off_rate
+    where = (f"end to end at batch {batch}, alternated in the comparison ({on_rate:.1f} vs "
+             f"{off_rate:.1f} images/s, median of {min(len(on), len(off))})")
+    if value:
+        return KnobDecision("channels_last", True, f"on: x{ratio:.2f} {where}", measured)
+    gap = f"; on needs more than {100 * margin:g} %" if ratio > 1 else ""
+    return KnobDecision("channels_last", False, f"off: x{ratio:.2f} {where}{gap}", measured)
 
 
 @dataclass

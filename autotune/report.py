@@ -11,7 +11,7 @@ from rich.text import Text
 from autotune.errors import UserError
 from autotune.console import say, warn
 from autotune.memory import format_bytes
-from autotune.search import RUNOFF_MARGIN
+from autotune.search import RUNOFF_MARGIN, runoff_label
 from autotune.tuned import TunedChoice
 from autotune.tuner import TuneResult
 from autotune.workload import Baseline
@@ -103,20 +103,22 @@ def searched_batch(result: TuneResult) -> int:
 
 
 def runoff_line(measurements: dict) -> str | None:
-    """'batch 64 and 128 were within noise in the search; end to end, alternated (2
-    rounds): 64 131.2, 128 139.0 images/s: 128' (None without a runoff)."""
+    """'runoff of the search's choice against what it could not tell apart, end to end
+    in 2 alternated rounds (images/s): batch 64 130.6, batch 16 98.8, batch 64
+    channels_last 133.0: the search's choice (batch 64) stands (...)' (None without a
+    runoff)."""
     runoff = (measurements.get("comparison") or {}).get("runoff")
     if not runoff:
         return None
-    batches = list(runoff["rounds"])
     rounds = max((len(r) for r in runoff["rounds"].values()), default=0)
-    scores = ", ".join(f"{b} {_fmt_rate(runoff['scores'].get(b))}" if b in runoff["scores"]
-                       else f"{b} did not fit" for b in batches)
-    kept = runoff["chosen"]
-    why = (f"the search's choice stands (a challenger must win by more than {100 * RUNOFF_MARGIN:g} %)"
-           if kept == runoff["search_chosen"] else f"batch {kept} wins")
-    return (f"batch {' and '.join(batches)} were within noise of each other in the search; "
-            f"end to end, in {rounds} alternated rounds, {runoff['score']}: {scores}: {why}")
+    scores = ", ".join(f"{name} {_fmt_rate(runoff['scores'][name])}" if name in runoff["scores"]
+                       else f"{name} did not fit" for name in runoff["rounds"])
+    incumbent = runoff_label(runoff["search_chosen"], runoff.get("channels_last", False))
+    kept = runoff_label(runoff["chosen"], runoff.get("chosen_channels_last", False))
+    why = (f"the search's choice ({incumbent}) stands (a challenger must win by more than "
+           f"{100 * RUNOFF_MARGIN:g} %)" if kept == incumbent else f"{kept} wins")
+    return (f"runoff of the search's choice against what it could not tell apart, end to end "
+            f"in {rounds} alternated rounds ({runoff['score']}): {scores}: {why}")
 
 
 def noise_table(result: TuneResult) -> Table | None:

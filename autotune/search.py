@@ -106,6 +106,7 @@ __all__ = [
     "plateau_reached",
     "resolution",
     "runoff_batches",
+    "runoff_label",
     "runoff_winner",
     "search_batch",
 ]
@@ -417,20 +418,27 @@ def runoff_batches(
 RUNOFF_MARGIN = 0.05
 
 
-def runoff_winner(scores: dict[int, float], incumbent: int, margin: float = RUNOFF_MARGIN) -> int:
-    """The runoff's batch: the best-scoring challenger when it beats ``incumbent`` (the
+def runoff_label(batch: int, channels_last: bool = False) -> str:
+    """A runoff candidate's name in the record and the report: "batch 64",
+    "batch 128 channels_last"."""
+    return f"batch {batch}" + (" channels_last" if channels_last else "")
+
+
+def runoff_winner(scores: dict, incumbent, margin: float = RUNOFF_MARGIN):
+    """The runoff's configuration (a key of ``scores``: a batch, or the tuner's (batch,
+    channels_last)): the best-scoring challenger when it beats ``incumbent`` (the
     search's choice) by more than ``margin``; else ``incumbent``. Each score is the
     median of alternated, end-to-end rounds (under goodput times the batch's
-    efficiency). An incumbent without a score (it did not fit end to end) loses to the
-    best challenger."""
+    efficiency); key order breaks an exact tie (the larger batch). An incumbent without
+    a score (it did not fit end to end) loses to the best challenger."""
     if not scores:
         raise ValueError("no runoff score to choose from")
     if incumbent not in scores:
-        return max(scores, key=lambda batch: (scores[batch], batch))
-    challengers = {b: v for b, v in scores.items() if b != incumbent}
+        return max(scores, key=lambda key: (scores[key], key))
+    challengers = {k: v for k, v in scores.items() if k != incumbent}
     if not challengers:
         return incumbent
-    best = max(challengers, key=lambda batch: (challengers[batch], batch))
+    best = max(challengers, key=lambda key: (challengers[key], key))
     return best if challengers[best] > (1 + margin) * scores[incumbent] else incumbent
 
 

@@ -95,6 +95,7 @@ from autotune.goodput import (
 from autotune.knobs import (
     KnobDecision,
     Rate,
+    channels_last_from_runoff,
     choose_compile,
     choose_threads_workers,
     choose_toggle,
@@ -110,6 +111,7 @@ from autotune.search import (
     SearchError,
     SearchResult,
     runoff_batches,
+    runoff_label,
     runoff_winner,
     search_batch,
 )
@@ -865,10 +867,12 @@ class Tuner:
         return max(quick) if quick else measured[0].batch
 
     # -- phase 4b: knobs -----------------------------------------------------------------------
-    def measure_knobs(self, batch: int, precision: str) -> list[KnobDecision]:
+    def measure_knobs(self, batch: int, precision: str, channels_last: bool = True) -> list[KnobDecision]:
         """channels_last, cudnn.benchmark (CUDA) and torch.compile (``try_compile``), each
         timed adaptively on the chosen batch and precision and chosen only when it pays;
-        a setting that fails to build or run is recorded as such, never fatal."""
+        a setting that fails to build or run is recorded as such, never fatal.
+        ``channels_last`` False: not measured here, the comparison's runoff decides it
+        (:meth:`channels_last_in_runoff`); the decision is a placeholder until then."""
         cuda = self.device.type == "cuda"
         timing = self.cfg.timing
         sync = self._sync if cuda else None
@@ -886,10 +890,14 @@ class Tuner:
             return lambda: step(on_device)
 
         with self._memory_capped():
-            self.report("knobs: channels_last")
-            off, on = measure_toggle(lambda flag: step_with(channels_last=flag), batch, timing, sync)
-            decisions.append(choose_toggle("channels_last", off, on))
-            self._release()
+            if channels_last:
+                self.report("knobs: channels_last")
+                off, on = measure_toggle(lambda flag: step_with(channels_last=flag), batch, timing, sync)
+                decisions.append(choose_toggle("channels_last", off, on))
+                self._release()
+            else:
+                decisions.append(KnobDecision("channels_last", False,
+                                              "measured end to end in the comparison's runoff"))
             if cuda:
                 self.report("knobs: cudnn.benchmark")
                 decisions.append(self._measure_cudnn_benchmark(step_with, batch, timing, sync))
@@ -1054,6 +1062,17 @@ class Tuner:
                                  limit=cfg.runoff)
         return batches[1:]
 
+    def channels_last_in_runoff(self, batch: int, knob_batch: int) -> bool:
+        """Is channels_last decided in the comparison's runoff (the chosen batch trained
+        end to end both ways, alternated) rather than in the knobs phase? On a CPU when
+        the knobs phase would measure it at another batch than the chosen one (the
+        threads x workers batch, for short steps): on the demo model channels_last runs
+        x0.9 at batch 32 and x1.09 at batch 128 (fifth session), so a verdict at one
+        batch does not carry to another. Not under DDP (no runoff there), nor with the
+        runoff turned off, nor when the user forced channels_last on."""
+        return (self.device.type == "cpu" and knob_batch != batch and self.cfg.runoff >= 2
+                and not self.dist.distributed and not self.cfg.channels_last)
+
     def _runoff_score(self) -> Callable[[int, float], float] | None:
         """Under goodput the runoff ranks images/s x the batch's predicted efficiency;
         None (images/s) otherwise."""
@@ -1063,15 +1082,17 @@ class Tuner:
         return lambda batch, rate: rate * efficiency(batch, reference, noise)
 
     def compare(self, loader: LoaderSettings, precision: str, channels_last: bool = False,
-                threads: int | None = None, challengers: tuple[int, ...] | list[int] = (),
+                threads: int | None = None, challengers: list[tuple[int, bool]] = (),
                 score: Callable[[int, float], float] | None = None) -> dict:
         """Alternate the workload's baseline and the recommendation (``loader``,
         ``precision``, ``channels_last``, ``threads``), each trained end to end on the same
         data for about the same number of images; the median of the rounds counts.
 
-        ``challengers``: other batches the search could not tell apart from
-        ``loader.batch_size`` (:func:`~autotune.search.runoff_batches`), measured in the
-        same rounds with the same settings. The runoff's winner
+        ``challengers``: other (batch, channels_last) configurations measured in the same
+        rounds with the same loader settings and threads: batches the search could not
+        tell apart from ``loader.batch_size`` (:func:`~autotune.search.runoff_batches`)
+        and, on a CPU, the chosen batch with channels_last flipped (the knob was measured
+        elsewhere: see :meth:`channels_last_in_runoff`). The runoff's winner
         (:func:`~autotune.search.runoff_winner` of ``score(batch, median images/s)``,
         default the median itself: a challenger must beat the search's choice by more
         than :data:`~autotune.search.RUNOFF_MARGIN`) becomes the recommendation; the
@@ -1081,17 +1102,18 @@ class Tuner:
         fit there (ARWGAN's baseline is fp32 at batch 16) is reported in a sentence, not
         raised: the search result stands. (The record keeps the key ``seed_default`` for
         the baseline.)"""
-        candidates = [loader.batch_size] + [b for b in challengers if b != loader.batch_size]
+        incumbent = (loader.batch_size, bool(channels_last))
+        candidates = [incumbent] + [(b, bool(cl)) for b, cl in challengers if (b, bool(cl)) != incumbent]
+        label = {c: runoff_label(*c) for c in candidates}
         configs = {"seed_default": (self.baseline.loader(), self.baseline.precision, False, None)}
-        for batch in candidates:
-            configs[f"batch {batch}"] = (replace(loader, batch_size=batch), precision,
-                                         channels_last, threads)
+        for c in candidates:
+            configs[label[c]] = (replace(loader, batch_size=c[0]), precision, c[1], threads)
         speeds: dict[str, list[float]] = {name: [] for name in configs}
         failed: dict[str, str] = {}
         steps_built: dict[str, object] = {}  # each config's train step, kept across rounds
         with self._memory_capped():
             for round_index in range(self.cfg.compare_rounds):
-                for name, (loader_cfg, precision, channels_last, threads) in configs.items():
+                for name, (loader_cfg, precision, cl, threads) in configs.items():
                     if name in failed:
                         continue
                     self.report(f"compare: {name} (round {round_index + 1})")
@@ -1099,8 +1121,7 @@ class Tuner:
                     try:
                         with _threads(threads):
                             if name not in steps_built:
-                                steps_built[name] = self._step(precision, loader_cfg.batch_size,
-                                                               channels_last)
+                                steps_built[name] = self._step(precision, loader_cfg.batch_size, cl)
                             speeds[name].append(self._train_speed(steps_built[name], loader_cfg,
                                                                   steps))
                     except Exception as exc:  # noqa: BLE001 - an OOM is an outcome
@@ -1112,40 +1133,37 @@ class Tuner:
                     finally:
                         self._release()
             steps_built.clear()
-        medians = {b: statistics.median(speeds[f"batch {b}"]) for b in candidates
-                   if speeds[f"batch {b}"]}
-        winner = loader.batch_size
-        if len(candidates) > 1 and medians:
-            value = score or (lambda batch, rate: rate)
-            winner = runoff_winner({b: value(b, rate) for b, rate in medians.items()},
-                                   incumbent=loader.batch_size)
+        value = score or (lambda batch, rate: rate)
+        scores = {c: value(c[0], statistics.median(speeds[label[c]]))
+                  for c in candidates if speeds[label[c]]}
+        winner = runoff_winner(scores, incumbent) if len(candidates) > 1 and scores else incumbent
         seed = statistics.median(speeds["seed_default"]) if speeds["seed_default"] else None
-        rec = medians.get(winner)
+        rec = statistics.median(speeds[label[winner]]) if speeds[label[winner]] else None
         result = {
             "seed_default_images_per_s": seed,
             "recommended_images_per_s": rec,
             "speedup": rec / seed if seed and rec else None,
-            "rounds": {"seed_default": speeds["seed_default"],
-                       "recommended": speeds[f"batch {winner}"]},
+            "rounds": {"seed_default": speeds["seed_default"], "recommended": speeds[label[winner]]},
         }
         if len(candidates) > 1:
             result["runoff"] = {
-                "search_chosen": loader.batch_size,
-                "chosen": winner,
-                "rounds": {str(b): speeds[f"batch {b}"] for b in candidates},
-                "scores": {str(b): (score or (lambda batch, rate: rate))(b, rate)
-                           for b, rate in medians.items()},
+                "search_chosen": incumbent[0],
+                "channels_last": incumbent[1],
+                "chosen": winner[0],
+                "chosen_channels_last": winner[1],
+                "rounds": {label[c]: speeds[label[c]] for c in candidates},
+                "scores": {label[c]: v for c, v in scores.items()},
                 "score": "images/s" if score is None else "goodput",
             }
         notes = []
         if "seed_default" in failed:
             notes.append(f"the {self.baseline.label} (batch {self.baseline.batch_size}, "
                          f"{self.baseline.precision}) does not fit under {format_bytes(self.target)}")
-        if len(candidates) == 1 and f"batch {loader.batch_size}" in failed:
+        if len(candidates) == 1 and label[incumbent] in failed:
             notes.append(f"the recommendation does not fit under {format_bytes(self.target)}")
         elif len(candidates) > 1:
-            notes += [f"batch {b} (runoff) does not fit under {format_bytes(self.target)}"
-                      for b in candidates if f"batch {b}" in failed]
+            notes += [f"{label[c]} (runoff) does not fit under {format_bytes(self.target)}"
+                      for c in candidates if label[c] in failed]
         if notes:
             result["note"] = "; ".join(notes)
             self.warnings.append(result["note"])
@@ -1234,29 +1252,39 @@ class Tuner:
             own_best = choose_workers(workers, consumption)
         best = self.dist.broadcast_object(own_best)
         threads = self.dist.broadcast_object(threads)
+        knob_batch = self.worker_batch if self.device.type == "cpu" else batch
+        cl_in_runoff = self.channels_last_in_runoff(batch, knob_batch)
         with self._phase("knobs"):
             # On a CPU at the threads x workers batch (short steps, see pair_batch); on
             # CUDA, where a step is short anyway, at the chosen batch.
-            knobs += self.measure_knobs(self.worker_batch if self.device.type == "cpu" else batch,
-                                        chosen_precision)
+            knobs += self.measure_knobs(knob_batch, chosen_precision,
+                                        channels_last=not cl_in_runoff)
         knobs = self.dist.broadcast_object(knobs)
         knob_value = {k.knob: k.value for k in knobs}
         channels_last = bool(knob_value.get("channels_last", cfg.channels_last))
         pin_memory = self.device.type == "cuda"
         recommended = LoaderSettings(batch, best.workers, pin_memory, best.workers > 0,
                                      best.prefetch_factor)
+        challengers = [(b, channels_last) for b in self.runoff_challengers(result)]
+        if cl_in_runoff:
+            challengers.append((batch, not channels_last))
         with self._phase("comparison"):
             own_comparison = self.compare(recommended, chosen_precision, channels_last, threads,
-                                          self.runoff_challengers(result), self._runoff_score())
+                                          challengers, self._runoff_score())
         comparison = own_comparison
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
         runoff = comparison.get("runoff")
-        if runoff and runoff["chosen"] != batch:
-            batch = runoff["chosen"]
-            if self.goodput is not None:
-                self.goodput = replace(self.goodput, chosen=self.goodput.row(batch))
-            chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
+        if runoff:
+            if cl_in_runoff:
+                knobs = [channels_last_from_runoff(runoff) if k.knob == "channels_last" else k
+                         for k in knobs]
+            channels_last = runoff["chosen_channels_last"]
+            if runoff["chosen"] != batch:
+                batch = runoff["chosen"]
+                if self.goodput is not None:
+                    self.goodput = replace(self.goodput, chosen=self.goodput.row(batch))
+                chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
         with self._phase("storage"):
             storage = self.check_storage(chosen_trial.images_per_s, best.workers)
 

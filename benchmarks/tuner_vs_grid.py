@@ -30,7 +30,8 @@ flat curve; so after the grid its ``--recheck-top`` best points (default 4) and 
 pick are re-measured round-robin (``--recheck-rounds`` rounds, default 5), the grid's
 best becomes the best median among those points, and both shares (single readings,
 re-measured) are printed.
-``--recheck JSON`` runs only that re-measurement on a finished run's file.
+``--recheck JSON`` runs only that re-measurement on a finished run's file;
+``--grid-from JSON`` re-runs the tuners and the recheck against an earlier run's grid.
 """
 
 from __future__ import annotations
@@ -179,7 +180,6 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
     tune_cfg = next(iter(runs.values()))[0]
 
     bench, measure = grid_protocol(tune_cfg, args.steps)
-    cores = bench.host.usable_cores
 
     # (a) seed default vs tuned, alternated, per objective.
     speedups = {}
@@ -196,10 +196,56 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
               f"{tuned_ips / seed_ips:.2f}x images/s (median of {args.rounds} alternated rounds)",
               flush=True)
 
-    # (b) the grid, once.
-    # Every power of two up to --max-batch, whatever the tuner's search tried (a grid bounded
-    # by the search would hide what the search skipped), except where a tuner's trial
-    # already failed or went over the target.
+    # (b) the grid, once (or taken from an earlier run's file: --grid-from).
+    if args.grid_from:
+        grid, grid_s = grid_from_file(args.grid_from, describe(model))
+        print(f"(b) grid of {len(grid)} points taken from {args.grid_from} (it took {grid_s:.0f} s)",
+              flush=True)
+    else:
+        grid, grid_s = measure_grid(runs, bench, measure, args)
+    best = max(grid, key=lambda g: g["images_per_s"])
+    best_knobs = f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
+    print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
+          f"{best_knobs}: {best['images_per_s']:.1f} img/s; grid of {len(grid)} points took {grid_s:.0f} s")
+    recheck = recheck_picks(measure, grid, {o: r.tuned.choice for o, (_, r, _) in runs.items()},
+                            args.recheck_rounds, args.recheck_top)
+    summaries = []
+    for objective, (_, result, tuner_s) in runs.items():
+        choice = result.tuned.choice
+        chosen_ips = measure(loader_of(choice), choice.precision, choice.channels_last,
+                             choice.cpu_threads)  # grid protocol
+        seed_runs, tuned_runs, speedup = speedups[objective]
+        print(f"    {objective}: the tuner's choice {chosen_ips:.1f} img/s = "
+              f"{100 * chosen_ips / best['images_per_s']:.0f} % of the best; the tuner took "
+              f"{tuner_s:.0f} s = {100 * tuner_s / grid_s:.0f} % of the grid's time", flush=True)
+        summaries.append({
+            "model": model.to_dict(), "shape": describe(model), "objective": objective,
+            "device": str(bench.device), "tuner_s": tuner_s,
+            "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
+            "phase_seconds": result.tuned.measurements.get("phase_seconds"),
+            "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
+                       "prefetch": choice.prefetch_factor, "precision": choice.precision,
+                       "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
+                       "compile": choice.compile, "objective": choice.objective,
+                       "noise_scale": choice.noise_scale},
+            "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
+            "speedup": speedup, "grid": grid, "grid_s": grid_s, "grid_best": best,
+            "grid_from": args.grid_from,
+            "choice_images_per_s_in_grid_protocol": chosen_ips,
+            "choice_share_of_best": chosen_ips / best["images_per_s"],
+            "tuner_time_share_of_grid": tuner_s / grid_s,
+            "recheck": recheck[objective],
+        })
+    return summaries
+
+
+def measure_grid(runs: dict, bench, measure, args) -> tuple[list[dict], float]:
+    """The exhaustive grid (see the module docstring) and the seconds it took.
+
+    Every power of two up to --max-batch, whatever the tuner's search tried (a grid
+    bounded by the search would hide what the search skipped), except where a tuner's
+    trial already failed or went over the target."""
+    cores = bench.host.usable_cores
     failed = [t.batch for _, result, _ in runs.values() for t in result.search.trials if not t.ok]
     limit = min([args.max_batch] + [b - 1 for b in failed])
     batches = [b for b in (2**i for i in range(1, 20)) if b <= limit]
@@ -233,40 +279,21 @@ def run_shape(model: ModelConfig, args) -> list[dict]:
             print(f"  knobs at batch {point['batch']:4d} workers {point['workers']:2d} "
                   f"{point['precision']} cl {int(cl)} threads {threads or 'default'}: {ips:8.1f} img/s",
                   flush=True)
-    grid_s = time.perf_counter() - grid_started
-    best = max(grid, key=lambda g: g["images_per_s"])
-    best_knobs = f", channels_last {best['channels_last']}, threads {best['threads'] or 'default'}"
-    print(f"(b) grid best: batch {best['batch']}, {best['workers']} workers, {best['precision']}"
-          f"{best_knobs}: {best['images_per_s']:.1f} img/s; grid of {len(grid)} points took {grid_s:.0f} s")
-    recheck = recheck_picks(measure, grid, {o: r.tuned.choice for o, (_, r, _) in runs.items()},
-                            args.recheck_rounds, args.recheck_top)
-    summaries = []
-    for objective, (_, result, tuner_s) in runs.items():
-        choice = result.tuned.choice
-        chosen_ips = measure(loader_of(choice), choice.precision, choice.channels_last,
-                             choice.cpu_threads)  # grid protocol
-        seed_runs, tuned_runs, speedup = speedups[objective]
-        print(f"    {objective}: the tuner's choice {chosen_ips:.1f} img/s = "
-              f"{100 * chosen_ips / best['images_per_s']:.0f} % of the best; the tuner took "
-              f"{tuner_s:.0f} s = {100 * tuner_s / grid_s:.0f} % of the grid's time", flush=True)
-        summaries.append({
-            "model": model.to_dict(), "shape": describe(model), "objective": objective,
-            "device": str(bench.device), "tuner_s": tuner_s,
-            "search_trials": len(result.search.trials), "stop_reason": result.search.stop_reason,
-            "phase_seconds": result.tuned.measurements.get("phase_seconds"),
-            "choice": {"batch": choice.batch_size, "workers": choice.num_workers,
-                       "prefetch": choice.prefetch_factor, "precision": choice.precision,
-                       "channels_last": choice.channels_last, "cpu_threads": choice.cpu_threads,
-                       "compile": choice.compile, "objective": choice.objective,
-                       "noise_scale": choice.noise_scale},
-            "seed_default_images_per_s": seed_runs, "tuned_images_per_s": tuned_runs,
-            "speedup": speedup, "grid": grid, "grid_s": grid_s, "grid_best": best,
-            "choice_images_per_s_in_grid_protocol": chosen_ips,
-            "choice_share_of_best": chosen_ips / best["images_per_s"],
-            "tuner_time_share_of_grid": tuner_s / grid_s,
-            "recheck": recheck[objective],
-        })
-    return summaries
+    return grid, time.perf_counter() - grid_started
+
+
+def grid_from_file(path: str, shape: str) -> tuple[list[dict], float]:
+    """An earlier run's grid for ``shape`` (and the seconds it took): the tuner can be
+    re-run and re-judged without the grid's 10-15 minutes per shape; the round-robin
+    recheck re-measures the grid's top points beside the new picks anyway."""
+    try:
+        summaries = json.loads(Path(path).read_text())["shapes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"--grid-from {path}: not a tuner_vs_grid result ({exc})") from None
+    for summary in summaries:
+        if summary.get("shape") == shape:
+            return summary["grid"], summary["grid_s"]
+    raise SystemExit(f"--grid-from {path}: no grid for the shape {shape!r}")
 
 
 def loader_of(choice) -> LoaderConfig:
@@ -321,7 +348,8 @@ def recheck_picks(measure, grid: list[dict], choices: dict, rounds: int, top: in
         share = medians[key] / best_median
         print(f"    {objective}: re-measured round-robin ({rounds} rounds, the grid's top {len(grid_keys)} "
               f"points and the picks): the pick {medians[key]:.1f} img/s, the grid's best point "
-              f"(batch {best_key[0]}, {best_key[1]} workers, {best_key[2]}) {best_median:.1f} img/s: "
+              f"(batch {best_key[0]}, {best_key[1]} workers, {best_key[2]}"
+              f"{', channels_last' if best_key[3] else ''}, {best_key[4]} threads) {best_median:.1f} img/s: "
               f"{100 * share:.0f} %", flush=True)
         out[objective] = {
             "grid_best": dict(zip(("batch", "workers", "precision", "channels_last", "threads"), best_key)),
@@ -364,6 +392,9 @@ def main() -> None:
     parser.add_argument("--knob-top", type=int, default=3,
                         help="without --grid-knobs: try the knobs at this many of the grid's best "
                              "points (0: none)")
+    parser.add_argument("--grid-from", default=None, metavar="JSON",
+                        help="take each shape's grid (and its time) from an earlier run's file "
+                             "instead of measuring it again")
     parser.add_argument("--recheck-top", type=int, default=4,
                         help="the grid's best points re-measured round-robin beside the picks")
     parser.add_argument("--recheck-rounds", type=int, default=5,

@@ -23,6 +23,7 @@ from autotune.search import (
     peak_passed,
     resolution,
     runoff_batches,
+    runoff_label,
     runoff_winner,
     search_batch,
 )
@@ -785,3 +786,10 @@ def test_a_challenger_must_beat_the_search_choice_clearly():
     assert runoff_winner({128: 90.0}, incumbent=128) == 128
     with pytest.raises(ValueError):
         runoff_winner({}, incumbent=128)
+
+
+def test_the_runoff_compares_configurations_not_only_batches():
+    # The tuner's keys: (batch, channels_last). channels_last at the chosen batch wins.
+    scores = {(128, False): 132.5, (128, True): 151.0, (64, False): 140.0}
+    assert runoff_winner(scores, incumbent=(128, False)) == (128, True)
+    assert runoff_label(128, True) == "batch 128 channels_last" and runoff_label(64) == "batch 64"

@@ -201,6 +201,24 @@ def test_show_prints_the_tables_of_a_tuned_file(tuned_run) -> None:
     assert "Recommendation" in result.stderr or "Candidate:" in result.stderr
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m["comparison"].update(runoff="garbage"),
+    lambda m: m["comparison"].update(runoff={"chosen": 8}),
+    lambda m: m["comparison"].pop("rounds"),
+    lambda m: m.update(knobs=[1, 2]),
+])
+def test_show_of_hand_edited_measurements_is_one_error_line(tuned_run, tmp_path: Path, edit) -> None:
+    tuned_path, _ = tuned_run
+    data = json.loads(tuned_path.read_text())
+    edit(data["measurements"])
+    bad = tmp_path / "[edited] tuned.json"
+    bad.write_text(json.dumps(data))
+    result = CliRunner().invoke(tune_app, ["--show", str(bad)])
+    assert result.exit_code == 2, result.output
+    assert_one_error_line(result.stderr, "its measurements cannot be shown")
+    assert "Batch search" not in result.stderr  # nothing half-printed before it
+
+
 @pytest.fixture
 def hand_tuned(tmp_path: Path) -> Path:
     """A tuned file for the tiny model, written by hand (no tuning run needed)."""

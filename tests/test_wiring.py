@@ -530,19 +530,21 @@ def test_new_cli_flags_fail_in_one_line(flags, fragment):
 FLAT_TOP = {16: 101.0, 32: 113.0, 64: 144.0, 128: 141.0}
 
 
-def fake_speeds(tuner: Tuner, rates: dict[int, list[float]]) -> list[int]:
-    """End-to-end speeds by batch (one value per round; the seed default's batch 16 is
-    in ``rates`` too); returns the batches measured, in order."""
+def fake_speeds(tuner: Tuner, rates: dict) -> list:
+    """End-to-end speeds by configuration, one value per round: a batch (channels_last
+    off; the seed default's batch 16 is in ``rates`` too) or (batch, True) for
+    channels_last on. Returns the configurations measured, in order."""
     measured, calls = [], {}
 
     def train_speed(step, loader_cfg, steps):
-        batch = loader_cfg.batch_size
-        measured.append(batch)
-        calls[batch] = calls.get(batch, -1) + 1
-        return rates[batch][calls[batch]]
+        _, batch, channels_last = step
+        key = (batch, True) if channels_last else batch
+        measured.append(key)
+        calls[key] = calls.get(key, -1) + 1
+        return rates[key][calls[key]]
 
     tuner._train_speed = train_speed
-    tuner._step = lambda precision, batch, channels_last=None: object()
+    tuner._step = lambda precision, batch, channels_last=None: ("step", batch, bool(channels_last))
     return measured
 
 
@@ -555,18 +557,18 @@ def test_throughput_runoff_of_the_batches_within_noise(tiny_data_dir):
     assert tuner.runoff_challengers(result) == [64]
     measured = fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [141.0, 144.0]})
     loader = LoaderSettings(128, 1, False, True, 2)
-    comparison = tuner.compare(loader, "fp32", challengers=[64])
+    comparison = tuner.compare(loader, "fp32", challengers=[(64, False)])
     # Alternated: the seed default, the search's choice, the challenger, every round.
     assert measured == [16, 128, 64, 16, 128, 64]
     assert comparison["runoff"]["chosen"] == 64 and comparison["runoff"]["search_chosen"] == 128
     # 64's median 142.5 beats 128's 132.5 by 7.5 %, more than the 5 % margin.
-    assert comparison["runoff"]["rounds"] == {"128": [130.0, 135.0], "64": [141.0, 144.0]}
+    assert comparison["runoff"]["rounds"] == {"batch 128": [130.0, 135.0], "batch 64": [141.0, 144.0]}
     assert comparison["recommended_images_per_s"] == pytest.approx(142.5)
     assert comparison["rounds"]["recommended"] == [141.0, 144.0]
     assert comparison["speedup"] == pytest.approx(142.5 / 71.0)
     # Within the margin (3 %), the search's choice stands.
     fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [135.0, 138.0]})
-    comparison = tuner.compare(loader, "fp32", challengers=[64])
+    comparison = tuner.compare(loader, "fp32", challengers=[(64, False)])
     assert comparison["runoff"]["chosen"] == 128
     assert comparison["recommended_images_per_s"] == pytest.approx(132.5)
 
@@ -578,12 +580,12 @@ def test_goodput_runoff_weighs_each_batch_by_its_efficiency(tiny_data_dir):
     # 32/48 of one at 16: batch 8 at 22 img/s (goodput 29.3) beats batch 32 at 40 img/s
     # (goodput 26.7), though 32 runs almost twice the images/s.
     fake_speeds(tuner, {16: [30.0, 30.0], 8: [22.0, 22.0], 32: [40.0, 40.0]})
-    comparison = tuner.compare(LoaderSettings(32), "fp32", challengers=[8],
+    comparison = tuner.compare(LoaderSettings(32), "fp32", challengers=[(8, False)],
                                score=tuner._runoff_score())
     assert comparison["runoff"]["chosen"] == 8
-    assert comparison["runoff"]["scores"]["8"] == pytest.approx(22.0 * 32 / 24)
+    assert comparison["runoff"]["scores"]["batch 8"] == pytest.approx(22.0 * 32 / 24)
     assert comparison["runoff"]["score"] == "goodput"
-    assert comparison["runoff"]["scores"]["32"] == pytest.approx(40.0 * 32 / 48)
+    assert comparison["runoff"]["scores"]["batch 32"] == pytest.approx(40.0 * 32 / 48)
 
 
 @pytest.mark.parametrize("overrides,noise,expected", [
@@ -614,9 +616,9 @@ def test_a_challenger_that_does_not_fit_is_named_and_the_choice_stands(tiny_data
         return real(step, loader_cfg, steps)
 
     tuner._train_speed = train_speed
-    comparison = tuner.compare(LoaderSettings(128), "fp32", challengers=[256])
+    comparison = tuner.compare(LoaderSettings(128), "fp32", challengers=[(256, False)])
     assert comparison["runoff"]["chosen"] == 128
-    assert comparison["runoff"]["rounds"]["256"] == []
+    assert comparison["runoff"]["rounds"]["batch 256"] == []
     assert "batch 256 (runoff) does not fit" in comparison["note"]
 
 
@@ -628,12 +630,13 @@ def test_the_tables_mark_the_runoffs_batch_and_say_why():
     result = goodput_result()
     m = dict(result.tuned.measurements)
     m["comparison"] = dict(m["comparison"], runoff={
-        "search_chosen": 32, "chosen": 16, "rounds": {"32": [88.0, 90.0], "16": [50.0, 52.0]},
-        "scores": {"32": 45.0, "16": 51.0}, "score": "goodput"})
+        "search_chosen": 32, "channels_last": False, "chosen": 16, "chosen_channels_last": False,
+        "rounds": {"batch 32": [88.0, 90.0], "batch 16": [50.0, 52.0]},
+        "scores": {"batch 32": 45.0, "batch 16": 51.0}, "score": "goodput"})
     result = replace(result, tuned=replace(result.tuned, measurements=m))
     line = runoff_line(m)
-    assert line == ("batch 32 and 16 were within noise of each other in the search; end to end, "
-                    "in 2 alternated rounds, goodput: 32 45.0, 16 51.0: batch 16 wins")
+    assert line == ("runoff of the search's choice against what it could not tell apart, end to end "
+                    "in 2 alternated rounds (goodput): batch 32 45.0, batch 16 51.0: batch 16 wins")
     text = render(trials_table(result))
     assert "16 *" in text and "32 *" not in text
     # Printed whole on a line of its own, however narrow the terminal.
@@ -641,10 +644,18 @@ def test_the_tables_mark_the_runoffs_batch_and_say_why():
     print_report(Console(file=out, width=40), result)
     assert line in out.getvalue().splitlines()
     m["comparison"]["runoff"]["chosen"] = 32
-    assert runoff_line(m).endswith("the search's choice stands (a challenger must win by more than 5 %)")
+    assert runoff_line(m).endswith(
+        "the search's choice (batch 32) stands (a challenger must win by more than 5 %)")
 
 
-def test_the_runoffs_winner_is_what_the_tuned_file_holds(tiny_data_dir):
+@pytest.mark.parametrize("cl_rounds,batch,channels_last,reason", [
+    # channels_last at the chosen batch wins: 151 vs 132.5, x1.14.
+    ([150.0, 152.0], 128, True, "on: x1.14 end to end at batch 128, alternated in the comparison"),
+    # channels_last no better; batch 64 wins (140 vs 132.5, 5.7 %).
+    ([131.0, 133.0], 64, False, "off: x1.00 end to end at batch 128"),
+])
+def test_the_runoffs_winner_is_what_the_tuned_file_holds(tiny_data_dir, cl_rounds, batch,
+                                                         channels_last, reason):
     from autotune.decisions import WorkerMeasurement
     from autotune.knobs import KnobDecision
 
@@ -652,16 +663,48 @@ def test_the_runoffs_winner_is_what_the_tuned_file_holds(tiny_data_dir):
                       start_batch=16)
     fake_curve(tuner, FLAT_TOP, rel_ci=0.15)
     zero = WorkerMeasurement(0, None, 140.0)
-    tuner.measure_threads_workers = lambda batch, precision: (
-        [zero, zero], KnobDecision("threads_workers", {"threads": 2, "workers": 0}, "fake"))
-    tuner.worker_batch = 64
-    tuner.measure_knobs = lambda batch, precision: []
+
+    def threads_workers(batch, precision):
+        tuner.worker_batch = 64  # the threads x workers batch: short steps
+        return [zero, zero], KnobDecision("threads_workers", {"threads": 2, "workers": 0}, "fake")
+
+    tuner.measure_threads_workers = threads_workers
     tuner.check_storage = lambda rate, workers: None
-    fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [139.0, 141.0]})
+    measured = fake_speeds(tuner, {16: [70.0, 72.0], 128: [130.0, 135.0], 64: [139.0, 141.0],
+                                   (128, True): cl_rounds})
     result = tuner.run()
     tuned = result.tuned
+    # The knobs phase did not time channels_last at batch 64: the runoff did, at 128.
+    assert measured == [16, 128, 64, (128, True)] * 2
     assert result.search.chosen == 128  # the search's pick, kept on record
-    assert tuned.choice.batch_size == 64  # the runoff's
-    assert tuned.measurements["comparison"]["runoff"]["chosen"] == 64
-    assert tuned.choice.learning_rates == tuner.lrs(64)
-    assert tuned.measurements["step_images_per_s"] == FLAT_TOP[64]
+    assert (tuned.choice.batch_size, tuned.choice.channels_last) == (batch, channels_last)
+    runoff = tuned.measurements["comparison"]["runoff"]
+    assert (runoff["chosen"], runoff["chosen_channels_last"]) == (batch, channels_last)
+    assert tuned.choice.learning_rates == tuner.lrs(batch)
+    assert tuned.measurements["step_images_per_s"] == FLAT_TOP[batch]
+    knob = next(k for k in tuned.measurements["knobs"] if k["knob"] == "channels_last")
+    assert knob["value"] is channels_last and knob["reason"].startswith(reason)
+
+
+@pytest.mark.parametrize("device_type,knob_batch,overrides,expected", [
+    ("cpu", 64, {}, True),                       # measured at another batch: the runoff decides
+    ("cpu", 128, {}, False),                     # measured at the chosen batch already
+    ("cpu", 64, {"runoff": 1}, False),           # runoff off: the knobs phase decides
+    ("cpu", 64, {"channels_last": True}, False),  # forced on by the user
+    ("cuda", 64, {}, False),                     # CUDA: knobs at the chosen batch, GPU timing
+])
+def test_where_channels_last_is_decided(tiny_data_dir, device_type, knob_batch, overrides, expected):
+    tuner = cpu_tuner(tiny_data_dir, **overrides)
+    tuner.device = torch.device(device_type)
+    assert tuner.channels_last_in_runoff(128, knob_batch) is expected
+
+
+def test_channels_last_from_a_runoff_that_could_not_run_it():
+    from autotune.knobs import channels_last_from_runoff
+
+    runoff = {"search_chosen": 128, "channels_last": False, "chosen": 128,
+              "chosen_channels_last": False,
+              "rounds": {"batch 128": [130.0, 131.0], "batch 128 channels_last": []}}
+    decision = channels_last_from_runoff(runoff)
+    assert decision.value is False
+    assert decision.reason == "off: on did not run end to end at batch 128"
