@@ -72,10 +72,12 @@ has: "batch 128 would take about 31 s > budget 25 s (batch 64 took 12.3 s)".
 6. The search also stops after ``max_trials`` trials, whatever the phase.
 
 The chosen batch (``choose_batch``): objective ``memory`` keeps the largest success;
-any other keeps the largest success whose score (images/s for ``throughput``) is
-within ``throughput_tolerance`` of the best measured: a difference that small is
-measurement noise, and among equally good batches the largest needs the fewest
-optimizer steps.
+any other keeps the largest success whose score (images/s for ``throughput``) is not
+:func:`clearly_below` the best measured (within ``throughput_tolerance``, or with the
+two trials' confidence intervals overlapping): a difference that small is measurement
+noise, and among equally good batches the largest needs the fewest optimizer steps.
+The tuner then re-measures the close ones end to end (the runoff, below), where a
+smaller batch must win clearly to replace it.
 """
 
 from __future__ import annotations
@@ -376,8 +378,9 @@ def choose_batch(
     scored = _scored(successes, score or THROUGHPUT)
     if objective == "memory" or not scored:
         return max(t.batch for t in successes)
-    best = max(value for _, value, _ in scored)
-    return max(t.batch for t, value, _ in scored if value >= (1 - tolerance) * best)
+    _, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    return max(t.batch for t, value, ci in scored
+               if not clearly_below(value, ci, best, best_ci, tolerance))
 
 
 def runoff_batches(
@@ -413,7 +416,7 @@ def runoff_batches(
 #: How much better (a fraction) a challenger must score in the runoff to replace the
 #: search's choice. Each end-to-end reading on the shared 2-core machine varies by
 #: +-10-15 % between rounds; the search's choice carries its own rule (the largest
-#: batch within 3 % under throughput, the smallest under goodput), which a runoff of
+#: batch within noise under throughput, the smallest under goodput), which a runoff of
 #: two or three rounds should overturn only on clear evidence.
 RUNOFF_MARGIN = 0.05
 

@@ -793,3 +793,19 @@ def test_the_runoff_compares_configurations_not_only_batches():
     scores = {(128, False): 132.5, (128, True): 151.0, (64, False): 140.0}
     assert runoff_winner(scores, incumbent=(128, False)) == (128, True)
     assert runoff_label(128, True) == "batch 128 channels_last" and runoff_label(64) == "batch 64"
+
+
+def test_throughput_keeps_the_largest_batch_within_noise_of_the_best():
+    # The fifth session's demo search: 64 read 144 +-13 %, 128 read 129 +-10 % (10 % lower,
+    # but the intervals overlap): the largest batch within noise is 128, which the tuner's
+    # runoff then re-measures against 64 end to end.
+    trials = [_trial(16, 101.0, 0.03), _trial(32, 113.0, 0.06), _trial(64, 144.0, 0.13),
+              _trial(128, 129.0, 0.10)]
+    assert choose_batch(trials, "throughput", 0.03) == 128
+    # The same readings with tight intervals: 128 is clearly below, 64 stays.
+    tight = [_trial(b, t.images_per_s, 0.01) for b, t in ((t.batch, t) for t in trials)]
+    assert choose_batch(tight, "throughput", 0.03) == 64
+    # Without intervals the rule is the tolerance alone (3 %).
+    bare = [_trial(64, 144.0, None), _trial(128, 140.0, None)]
+    assert choose_batch(bare, "throughput", 0.03) == 128
+    assert choose_batch([_trial(64, 144.0, None), _trial(128, 139.0, None)], "throughput", 0.03) == 64
