@@ -200,8 +200,10 @@ class TuneConfig:
     runoff: int = 2
     """Batches the search could not tell apart (scores within each other's noise) that
     are re-measured end to end, in alternation, in the comparison phase before the
-    batch is final (the chosen one included; 1: none). Not under the memory objective,
-    nor under DDP (the ranks would have to agree on the runoff too)."""
+    batch is final (the chosen one included). On a CPU the runoff also decides
+    channels_last at the chosen batch. 1: no runoff (the knobs phase decides
+    channels_last). No batch runoff under the memory objective; none at all under DDP
+    (the ranks would have to agree on the runoff too)."""
     max_workers: int | None = None
     seed: int = 0
     channels_last: bool = False
