@@ -169,6 +169,11 @@ def _scored(trials: Iterable[TrialOutcome], score: Score) -> list[tuple[TrialOut
     return scored
 
 
+def _best(scored: list[tuple[TrialOutcome, float, float]]) -> tuple[TrialOutcome, float, float]:
+    """The best-scoring item of :func:`_scored` (ties: the larger batch)."""
+    return max(scored, key=lambda item: (item[1], item[0].batch))
+
+
 @dataclass
 class TrialOutcome:
     """What one trial of the train step at one batch size measured."""
@@ -378,7 +383,7 @@ def choose_batch(
     scored = _scored(successes, score or THROUGHPUT)
     if objective == "memory" or not scored:
         return max(t.batch for t in successes)
-    _, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    _, best, best_ci = _best(scored)
     return max(t.batch for t, value, ci in scored
                if not clearly_below(value, ci, best, best_ci, tolerance))
 
@@ -406,7 +411,7 @@ def runoff_batches(
     scored = _scored(list(latest.values()), score or THROUGHPUT)
     if chosen not in {t.batch for t, _, _ in scored}:
         return [chosen]
-    _, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    _, best, best_ci = _best(scored)
     close = sorted(((value, t.batch) for t, value, ci in scored
                     if t.batch != chosen and not clearly_below(value, ci, best, best_ci, tolerance)),
                    reverse=True)
@@ -475,7 +480,7 @@ def peak_passed(
                     key=lambda item: item[0].batch)
     if len(scored) <= patience:
         return None
-    peak, best, best_ci = max(scored, key=lambda item: (item[1], item[0].batch))
+    peak, best, best_ci = _best(scored)
     tail = scored[-patience:]
     if all(t.batch > peak.batch and clearly_below(value, ci, best, best_ci, tolerance)
            for t, value, ci in tail):

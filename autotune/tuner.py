@@ -645,16 +645,11 @@ class Tuner:
         """Goodput (images/s x predicted efficiency at the conservative noise scale) for
         the search's choice and its past-the-peak stop; None (images/s) otherwise, and
         when the noise scale is unusable (the growth is then stopped by throughput)."""
-        if self.cfg.objective != "goodput" or self.noise_scale is None:
+        goodput = self._runoff_score()
+        if goodput is None:
             return None
-        noise = self.noise_scale
-
-        def value(outcome) -> float | None:
-            if outcome.images_per_s is None:
-                return None
-            return outcome.images_per_s * efficiency(outcome.batch, self.reference_batch, noise)
-
-        return Score("goodput", value)
+        return Score("goodput", lambda outcome: None if outcome.images_per_s is None
+                     else goodput(outcome.batch, outcome.images_per_s))
 
     def choose_by_goodput(self, result: SearchResult) -> GoodputChoice:
         """Among the successful trials, the batch with the best goodput (ties within
@@ -1076,8 +1071,9 @@ class Tuner:
                 and not self.dist.distributed and not self.cfg.channels_last)
 
     def _runoff_score(self) -> Callable[[int, float], float] | None:
-        """Under goodput the runoff ranks images/s x the batch's predicted efficiency;
-        None (images/s) otherwise."""
+        """Goodput as a function of (batch, images/s): images/s x the batch's predicted
+        efficiency, for the runoff (and, through :meth:`goodput_score`, the search);
+        None (images/s) otherwise, and with an unusable noise scale."""
         if self.cfg.objective != "goodput" or self.noise_scale is None:
             return None
         noise, reference = self.noise_scale, self.reference_batch
