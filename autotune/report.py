@@ -92,6 +92,10 @@ def trials_table(result: TuneResult) -> Table:
     if result.search.peak_batch is not None:
         table.caption = ("larger batches were not tried: they could not change the answer "
                          "(--find-edge searches the memory edge anyway)")
+    elif result.search.untried is not None:
+        score = "goodput" if result.tuned.choice.objective == "goodput" else "images/s"
+        table.caption = (f"cut short before {score} turned down: batch "
+                         f"{result.search.untried} goes to the runoff, end to end")
     return table
 
 
@@ -111,13 +115,20 @@ def runoff_line(measurements: dict) -> str | None:
     if not runoff:
         return None
     rounds = max((len(r) for r in runoff["rounds"].values()), default=0)
-    scores = ", ".join(f"{name} {_fmt_rate(runoff['scores'][name])}" if name in runoff["scores"]
-                       else f"{name} did not fit" for name in runoff["rounds"])
+    untried = runoff.get("untried")
+    beyond = {runoff_label(untried, cl) for cl in (False, True)} if untried is not None else set()
+
+    def named(name: str) -> str:
+        return f"{name} (not reached by the search)" if name in beyond else name
+
+    scores = ", ".join(f"{named(name)} {_fmt_rate(runoff['scores'][name])}" if name in runoff["scores"]
+                       else f"{named(name)} did not fit" for name in runoff["rounds"])
     incumbent = runoff_label(runoff["search_chosen"], runoff.get("channels_last", False))
     kept = runoff_label(runoff["chosen"], runoff.get("chosen_channels_last", False))
     why = (f"the search's choice ({incumbent}) stands (a challenger must win by more than "
            f"{100 * RUNOFF_MARGIN:g} %)" if kept == incumbent else f"{kept} wins")
-    return (f"runoff of the search's choice against what it could not tell apart, end to end "
+    against = "what it could not tell apart" + (" and the batch it did not reach" if beyond else "")
+    return (f"runoff of the search's choice against {against}, end to end "
             f"in {rounds} alternated rounds ({runoff['score']}): {scores}: {why}")
 
 

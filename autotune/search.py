@@ -70,6 +70,18 @@ has: "batch 128 would take about 31 s > budget 25 s (batch 64 took 12.3 s)".
    choice among what was measured is the same either way (below). The stop reason
    says "... flat past 16; batch 32, 64 within 5 % of it".
 6. The search also stops after ``max_trials`` trials, whatever the phase.
+7. Cut short before the curve turned down: when time (the trial budget or its look-ahead) or
+   ``max_trials`` ends the *growth* (no failure yet, below ``max_batch``) while the
+   largest batch tried still scores within noise of the best (not
+   :func:`clearly_below` it: the curve has not turned down), the answer may lie
+   further up:
+   the result names the batch growth would have tried next (``untried``, every
+   objective but ``memory``), provided it is predicted to fit. The prediction is the
+   largest success's peak scaled by the batch ratio (``peak * next / lo``), an upper
+   bound whenever the fixed part of the memory is not negative, so no fit is
+   trusted. The search never runs it; the tuner's runoff measures it end to end,
+   which costs a few steps rather than a trial (48x48 crops on 2 cores: batch 32
+   took 10.5 s, so the look-ahead did not start 64, the grid's best).
 
 The chosen batch (``choose_batch``): objective ``memory`` keeps the largest success;
 any other keeps the largest success whose score (images/s for ``throughput``) is not
@@ -331,6 +343,10 @@ class SearchResult:
     peak_batch: int | None = None
     """Set when the search stopped past the score's peak, at this batch: the memory
     edge was not searched."""
+    untried: int | None = None
+    """The batch growth would have tried next, when time or the trial count cut it
+    short while the largest batch still scored within noise of the best, and that
+    batch is predicted to fit (step 7 of the module docstring); None otherwise."""
 
     def successes(self) -> list[TrialOutcome]:
         return [t for t in self.trials if t.ok]
@@ -342,6 +358,7 @@ class SearchResult:
             "stop_reason": self.stop_reason,
             "fit": None if self.fit is None else list(self.fit),
             "peak_batch": self.peak_batch,
+            "untried": self.untried,
         }
 
     @classmethod
@@ -353,6 +370,7 @@ class SearchResult:
             stop_reason=data["stop_reason"],
             fit=None if fit is None else (float(fit[0]), float(fit[1])),
             peak_batch=data.get("peak_batch"),  # absent from files written before it existed
+            untried=data.get("untried"),
         )
 
 
@@ -538,6 +556,7 @@ class _Search:
         self.trials: list[TrialOutcome] = []
         self.fit_trusted = cfg.use_fit
         self.peak_batch: int | None = None
+        self.cut_short = False  # time or the trial count ended the search, not the curve
 
     def run(self) -> SearchResult:
         cfg = self.cfg
@@ -569,6 +588,7 @@ class _Search:
             stop_reason=stop_reason,
             fit=fit_peak_memory(self.trials),
             peak_batch=self.peak_batch,
+            untried=self._untried(lo) if self.cut_short and hi is None else None,
         )
 
     def _stop_reason(self, lo: int, hi: int | None) -> str | None:
@@ -576,6 +596,7 @@ class _Search:
         last = self.trials[-1]
         budget = cfg.trial_time_budget_s
         if last.ok and budget is not None and last.seconds > budget:
+            self.cut_short = True
             return f"trial at batch {last.batch} took {last.seconds:.3g} s > budget {budget:.3g} s"
         if hi is None and lo == cfg.max_batch:
             return f"reached max batch {cfg.max_batch}"
@@ -594,6 +615,7 @@ class _Search:
                        f"flat past {flat}; batch {tail} within {cfg.min_gain * 100:g} % of it")
                 return f"memory edge not searched: {self.score.name} {how}"
         if len(self.trials) >= cfg.max_trials:
+            self.cut_short = True
             return f"trial budget exhausted ({cfg.max_trials} trials)"
         return None
 
@@ -610,9 +632,31 @@ class _Search:
         last = max(below, key=lambda t: t.batch)
         predicted = LOOK_AHEAD_MARGIN * last.seconds * batch / last.batch
         if predicted > budget:
+            self.cut_short = True
             return (f"batch {batch} would take about {predicted:.3g} s > budget {budget:.3g} s "
                     f"(batch {last.batch} took {last.seconds:.3g} s)")
         return None
+
+    def _untried(self, lo: int) -> int | None:
+        """Step 7: the next growth batch above ``lo`` (the largest success), when the
+        score there is not clearly below the best and the batch is predicted to fit;
+        else None."""
+        cfg = self.cfg
+        if cfg.objective == "memory" or lo >= cfg.max_batch:
+            return None
+        scored = _scored([t for t in self.trials if t.ok], self.score)
+        top = [item for item in scored if item[0].batch == lo]
+        if not top:
+            return None
+        _, best, best_ci = _best(scored)
+        _, value, ci = top[0]
+        if clearly_below(value, ci, best, best_ci, cfg.throughput_tolerance):
+            return None
+        peak = next(t.peak_bytes for t in self.trials if t.ok and t.batch == lo)
+        batch = min(2 * lo, cfg.max_batch)
+        if peak is None or peak * batch > cfg.limit_bytes * lo:
+            return None
+        return batch
 
     def _next_batch(self, lo: int, hi: int | None, confirm: bool) -> tuple[int, bool]:
         """The next batch to try and whether the fit proposed it.

@@ -90,6 +90,7 @@ from autotune.goodput import (
     choose_batch_by_goodput,
     conservative_noise_scale,
     efficiency,
+    goodput_row,
     verdict_line,
 )
 from autotune.knobs import (
@@ -1047,17 +1048,21 @@ class Tuner:
     # -- phase 6: seed default vs recommendation -------------------------------------------------
     def runoff_challengers(self, result: SearchResult) -> list[int]:
         """The batches the comparison re-measures beside the search's choice
-        (``TuneConfig.runoff``): those whose search score lies within the noise of the
-        best. None under the memory objective (the largest fit is the answer), under
-        goodput without a usable noise scale (the batch stays at the reference), and
-        under DDP (every rank would have to run and agree on the same runoff)."""
+        (``TuneConfig.runoff - 1`` of them): first the batch the growth would have tried
+        next when time cut the search short before the score turned down
+        (``result.untried``: it costs a few end-to-end steps here, not a trial), then
+        those whose search score lies within the noise of the best. None under the
+        memory objective (the largest fit is the answer), under goodput without a
+        usable noise scale (the batch stays at the reference), and under DDP (every rank
+        would have to run and agree on the same runoff)."""
         cfg = self.cfg
         if (cfg.runoff < 2 or cfg.objective == "memory" or self.dist.distributed
                 or (cfg.objective == "goodput" and self.noise_scale is None)):
             return []
+        ahead = [result.untried] if result.untried is not None else []
         batches = runoff_batches(result.trials, result.chosen, self.goodput_score(),
-                                 limit=cfg.runoff)
-        return batches[1:]
+                                 limit=cfg.runoff - len(ahead))
+        return ahead + batches[1:]
 
     def channels_last_in_runoff(self, batch: int, knob_batch: int) -> bool:
         """Is channels_last decided in the comparison's runoff (the chosen batch trained
@@ -1167,6 +1172,22 @@ class Tuner:
             self.warnings.append(result["note"])
         return result
 
+    def _runoff_batch_rate(self, result: SearchResult, batch: int, comparison: dict) -> float | None:
+        """The runoff chose ``batch`` over the search's choice: its step images/s (the
+        search trial's; for the batch the search did not reach, the runoff's end-to-end
+        median, the only reading there is), with the goodput choice moved to it (a row
+        made from that reading when the search had none)."""
+        trial = next((t for t in reversed(result.trials) if t.batch == batch and t.ok), None)
+        rate = trial.images_per_s if trial is not None else comparison["recommended_images_per_s"]
+        if self.goodput is not None:
+            rows = {r.batch: r for r in self.goodput.rows}
+            if batch not in rows:
+                rows[batch] = goodput_row(BatchCandidate(batch, rate), self.goodput.reference_batch,
+                                          self.goodput.noise_scale, ADAM_LR_POWER)
+            self.goodput = replace(self.goodput, chosen=rows[batch],
+                                   rows=tuple(rows[b] for b in sorted(rows)))
+        return rate
+
     def _train_speed(self, step, loader_cfg: LoaderSettings, steps: int) -> float:
         """End-to-end images/s of one configuration: its train step (kept across the
         comparison's rounds) fed by a fresh loader, after one untrained drain of the
@@ -1273,18 +1294,19 @@ class Tuner:
         if self.dist.distributed:
             comparison = slowest_rank_comparison(self.dist.all_gather_object(own_comparison))
         runoff = comparison.get("runoff")
+        step_images_per_s = chosen_trial.images_per_s
         if runoff:
+            if result.untried is not None and any(b == result.untried for b, _ in challengers):
+                runoff["untried"] = result.untried
             if cl_in_runoff:
                 knobs = [channels_last_from_runoff(runoff) if k.knob == "channels_last" else k
                          for k in knobs]
             channels_last = runoff["chosen_channels_last"]
             if runoff["chosen"] != batch:
                 batch = runoff["chosen"]
-                if self.goodput is not None:
-                    self.goodput = replace(self.goodput, chosen=self.goodput.row(batch))
-                chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
+                step_images_per_s = self._runoff_batch_rate(result, batch, comparison)
         with self._phase("storage"):
-            storage = self.check_storage(chosen_trial.images_per_s, best.workers)
+            storage = self.check_storage(step_images_per_s, best.workers)
 
         global_batch = batch * world
         factor = global_batch / self.reference_batch
@@ -1334,7 +1356,7 @@ class Tuner:
             "workers": [asdict(w) for w in workers],
             "worker_mode": "loader alone vs step consumption" if consumption else "end to end",
             "worker_batch": getattr(self, "worker_batch", batch),
-            "step_images_per_s": chosen_trial.images_per_s,
+            "step_images_per_s": step_images_per_s,
             "memory_before_search_bytes": memory_before,
             "memory_after_search_bytes": memory_after,
             "comparison": comparison,

@@ -358,6 +358,73 @@ def test_a_trial_predicted_over_budget_is_not_started():
     assert result.chosen == 96
 
 
+
+# (g2) cut short before the curve turned down: the batch growth would have tried next -------------------
+
+def test_a_search_cut_short_before_the_curve_turned_names_the_next_batch():
+    # images/s still rising at 64 when the look-ahead stops 128: the answer may lie
+    # above, so the result names 128 (1 GB + 0.1 GB/sample: 7.4 GB at 64, at most
+    # 14.8 GB at 128, under the 80 GB target) for the tuner's runoff. Never run here.
+    trial = FakeTrial(peaks=linear(1, 0.1), seconds=lambda b: b / 100)
+    result = run(trial, trial_time_budget_s=1.5)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert result.stop_reason.startswith("batch 128 would take about 1.6 s")
+    assert (result.chosen, result.untried) == (64, 128)
+    # A slow success ends the growth the same way (without the look-ahead, which only
+    # past-the-peak searches use); so does the trial count.
+    trial = FakeTrial(peaks=linear(1, 0.1), seconds=lambda b: b / 100)
+    result = run(trial, trial_time_budget_s=0.5, find_edge=True)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert result.stop_reason == "trial at batch 64 took 0.64 s > budget 0.5 s"
+    assert result.untried == 128
+    trial = FakeTrial(peaks=linear(1, 0.1))
+    result = run(trial, max_trials=5)
+    assert trial.calls == [1, 2, 4, 8, 16]
+    assert result.stop_reason == "trial budget exhausted (5 trials)"
+    assert result.untried == 32
+    # Clamped at max_batch, like growth.
+    trial = FakeTrial(peaks=linear(1, 0.1), seconds=lambda b: b / 100)
+    result = run(trial, trial_time_budget_s=1.0, max_batch=96)
+    assert result.stop_reason.startswith("batch 96 would take about 1.2 s")
+    assert result.untried == 96
+
+
+def test_no_next_batch_when_the_curve_decides_or_memory_may_not_fit():
+    cut = dict(peaks=linear(1, 0.1), seconds=lambda b: b / 100)
+    # The curve turned down at the largest batch tried (64 clearly below 32): nothing
+    # points up. A dip within the noise (690 against 700, within 3 %) has not turned it.
+    dipped = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 160.0, 32: 700.0, 64: 650.0}
+    result = run(FakeTrial(ips=dipped, **cut), trial_time_budget_s=1.5)
+    assert (result.chosen, result.untried) == (32, None)
+    result = run(FakeTrial(ips={**dipped, 64: 690.0}, **cut), trial_time_budget_s=1.5)
+    assert (result.chosen, result.untried) == (64, 128)
+    # 7 % below, but the intervals (+-5 % each) overlap: within noise too.
+    result = run(FakeTrial(ips=dipped, ci=lambda b: 0.05, **cut), trial_time_budget_s=1.5)
+    assert (result.chosen, result.untried) == (64, 128)
+    # The upper bound on 128's peak (2 x 7.4 GB) is over the limit (12 GB): not named,
+    # even though the fit (1 + 0.1 x 128 = 13.8 GB) would say the same.
+    result = run(FakeTrial(**cut), trial_time_budget_s=1.5, use_fit=False, target_bytes=gb(12))
+    assert [t.batch for t in result.trials][-1] == 64 and result.untried is None
+    # No peak reading at the largest batch: no bound, no name.
+    result = run(FakeTrial(seconds=lambda b: b / 100), trial_time_budget_s=1.5)
+    assert result.untried is None
+    # The curve, not time, ended it: max batch reached, a failure, the memory objective.
+    assert run(FakeTrial(peaks=linear(1, 0.1)), max_batch=64).untried is None
+    result = run(FakeTrial(peaks=linear(1, 0.1), oom_above=100, seconds=lambda b: b / 100),
+                 use_fit=False, trial_time_budget_s=0.9, find_edge=True)
+    assert result.stop_reason.startswith("trial at batch 96") and result.untried is None
+    result = run(FakeTrial(**cut), trial_time_budget_s=0.5, find_edge=True, objective="memory")
+    assert result.stop_reason.startswith("trial at batch 64") and result.untried is None
+
+
+def test_the_next_batch_survives_the_record():
+    result = run(FakeTrial(peaks=linear(1, 0.1)), max_trials=5)
+    data = result.to_dict()
+    assert data["untried"] == 32
+    assert SearchResult.from_dict(data).untried == 32
+    del data["untried"]  # a tuned file written before it existed
+    assert SearchResult.from_dict(data).untried is None
+
 # (h) objective: throughput vs memory -------------------------------------------------------------
 
 SATURATING_IPS = {1: 50.0, 2: 95.0, 4: 180.0, 8: 320.0, 16: 500.0, 32: 640.0,

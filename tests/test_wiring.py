@@ -42,14 +42,16 @@ def cpu_tuner(data_dir: Path, **overrides) -> Tuner:
     return tuner
 
 
-def fake_curve(tuner: Tuner, rates: dict[int, float], rel_ci: float = 0.01) -> list[int]:
-    """Replace the tuner's trials by a throughput curve; returns the batches tried."""
+def fake_curve(tuner: Tuner, rates: dict[int, float], rel_ci: float = 0.01,
+               seconds=lambda batch: 0.1) -> list[int]:
+    """Replace the tuner's trials by a throughput curve (each trial taking
+    ``seconds(batch)``); returns the batches tried."""
     tried = []
 
     def trial(batch: int, precision: str) -> TrialMeasurement:
         tried.append(batch)
         return TrialMeasurement(batch=batch, ok=True, reason="ok", peak_bytes=2**20 * batch,
-                                images_per_s=rates[batch], seconds=0.1,
+                                images_per_s=rates[batch], seconds=seconds(batch),
                                 images_per_s_rel_ci=rel_ci, timing_stop="converged")
 
     tuner.trial = trial
@@ -603,6 +605,89 @@ def test_when_there_is_a_runoff(tiny_data_dir, overrides, noise, expected):
                            images_per_s_rel_ci=0.15) for b, v in FLAT_TOP.items()]
     result = SearchResult(trials=trials, chosen=128, stop_reason="reached max batch 128")
     assert tuner.runoff_challengers(result) == expected
+
+
+@pytest.mark.parametrize("overrides,noise,expected", [
+    ({"objective": "throughput"}, None, [256]),              # the batch not reached comes first
+    ({"objective": "throughput", "runoff": 3}, None, [256, 64]),
+    ({"objective": "goodput"}, 1e6, [256]),                  # goodput still climbing too
+    ({"objective": "goodput"}, None, []),                    # no noise scale: the reference batch
+    ({"objective": "memory"}, None, []),
+])
+def test_the_batch_the_search_did_not_reach_runs_in_the_runoff(tiny_data_dir, overrides, noise,
+                                                                expected):
+    from autotune.search import SearchResult, TrialOutcome
+
+    tuner = cpu_tuner(tiny_data_dir, **overrides)
+    tuner.noise_scale = noise
+    top = {**FLAT_TOP, 128: 150.0}  # 64 within 3 % of it, the best at the largest batch
+    trials = [TrialOutcome(batch=b, ok=True, peak_bytes=b, images_per_s=v, seconds=1.0, reason="ok",
+                           images_per_s_rel_ci=0.15) for b, v in top.items()]
+    result = SearchResult(trials=trials, chosen=128, untried=256,
+                          stop_reason="batch 256 would take about 30 s > budget 25 s")
+    assert tuner.runoff_challengers(result) == expected
+
+
+def test_a_search_cut_short_while_climbing_lets_the_runoff_try_the_next_batch(tiny_data_dir):
+    """48x48 crops on 2 cores (fifth session): batch 32 took 10.5 s, the look-ahead did
+    not start 64, and 64 was the grid's best. The runoff now measures it end to end."""
+    from autotune.decisions import WorkerMeasurement
+    from autotune.knobs import KnobDecision
+    from autotune.report import print_report
+
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", max_batch=256, precision="fp32",
+                      start_batch=16, trial_budget_s=10.0)
+    # 64 took 6.4 s: 128 would take about 16 s > 10 s; images/s still climbing at 64.
+    tried = fake_curve(tuner, {16: 101.0, 32: 113.0, 64: 144.0}, seconds=lambda b: b / 10)
+    zero = WorkerMeasurement(0, None, 140.0)
+
+    def threads_workers(batch, precision):
+        tuner.worker_batch = 32
+        return [zero, zero], KnobDecision("threads_workers", {"threads": 2, "workers": 0}, "fake")
+
+    tuner.measure_threads_workers = threads_workers
+    tuner.check_storage = lambda rate, workers: None
+    measured = fake_speeds(tuner, {16: [70.0, 72.0], 64: [130.0, 135.0], 128: [150.0, 152.0],
+                                   (64, True): [128.0, 130.0]})
+    result = tuner.run()
+    assert [t.batch for t in result.search.trials] == [16, 32, 64] and 128 not in tried
+    assert result.search.untried == 128
+    assert measured == [16, 64, 128, (64, True)] * 2
+    tuned = result.tuned
+    assert (tuned.choice.batch_size, tuned.choice.channels_last) == (128, False)
+    assert tuned.choice.learning_rates == tuner.lrs(128)
+    runoff = tuned.measurements["comparison"]["runoff"]
+    assert (runoff["untried"], runoff["chosen"], runoff["search_chosen"]) == (128, 128, 64)
+    # No search trial at 128: its step rate is the runoff's end-to-end median.
+    assert tuned.measurements["step_images_per_s"] == pytest.approx(151.0)
+    out = io.StringIO()
+    print_report(Console(file=out, width=40), result)
+    lines = out.getvalue().splitlines()
+    assert ("runoff of the search's choice against what it could not tell apart and the batch it "
+            "did not reach, end to end in 2 alternated rounds (images/s): batch 64 132.5, batch 128 "
+            "(not reached by the search) 151.0, batch 64 channels_last 129.0: batch 128 wins") in lines
+    assert "batch 128 goes to the runoff" in " ".join(out.getvalue().split())
+
+
+def test_goodput_gets_a_row_for_the_batch_the_search_did_not_reach(tiny_data_dir):
+    from autotune.goodput import BatchCandidate, choose_batch_by_goodput, efficiency
+    from autotune.search import SearchResult, TrialOutcome
+
+    tuner = cpu_tuner(tiny_data_dir)
+    tuner.goodput = choose_batch_by_goodput([BatchCandidate(16, 50.0), BatchCandidate(32, 90.0)],
+                                            1000.0, 16)
+    trials = [TrialOutcome(batch=b, ok=True, peak_bytes=b, images_per_s=v, seconds=1.0, reason="ok")
+              for b, v in ((16, 50.0), (32, 90.0))]
+    result = SearchResult(trials=trials, chosen=32, untried=64, stop_reason="cut")
+    rate = tuner._runoff_batch_rate(result, 64, {"recommended_images_per_s": 150.0})
+    assert rate == 150.0
+    assert [r.batch for r in tuner.goodput.rows] == [16, 32, 64]
+    chosen = tuner.goodput.chosen
+    assert chosen.batch == 64 and chosen.images_per_s == 150.0
+    assert chosen.goodput == pytest.approx(150.0 * efficiency(64, 16, 1000.0))
+    # A batch the search did try keeps its trial's rate and row.
+    assert tuner._runoff_batch_rate(result, 16, {"recommended_images_per_s": 1.0}) == 50.0
+    assert tuner.goodput.chosen.images_per_s == 50.0 and len(tuner.goodput.rows) == 3
 
 
 def test_a_challenger_that_does_not_fit_is_named_and_the_choice_stands(tiny_data_dir):
