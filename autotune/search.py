@@ -51,8 +51,9 @@ has: "batch 128 would take about 31 s > budget 25 s (batch 64 took 12.3 s)".
    batch with the best *score* and all score *clearly below* it
    (:func:`peak_passed`). Clearly below means at least ``decline_tolerance`` below
    the best, and with the two trials' 95 % confidence intervals apart
-   (``images_per_s_rel_ci``, when the trial measured one): a drop inside the noise
-   is not a decline. One dip that a larger batch recovers from does not stop the
+   (``images_per_s_rel_ci``, when the trial measured one, each at least
+   ``noise_floor`` wide: a trial's own interval misses the drift between trials on a
+   shared machine): a drop inside the noise is not a decline. One dip that a larger batch recovers from does not stop the
    search; two successive declines do. Growth and bisection trials count alike
    (both lie above every success before them). Those trials could not change the
    answer, since the choice takes the best score and larger batches past its peak
@@ -171,13 +172,16 @@ def _images_per_s(outcome: TrialOutcome) -> float | None:
 THROUGHPUT = Score("throughput", _images_per_s)
 
 
-def _scored(trials: Iterable[TrialOutcome], score: Score) -> list[tuple[TrialOutcome, float, float]]:
-    """(trial, score, relative 95 % half-width or 0) for each trial that has a score."""
+def _scored(trials: Iterable[TrialOutcome], score: Score,
+            noise_floor: float = 0.0) -> list[tuple[TrialOutcome, float, float]]:
+    """(trial, score, relative half-width) for each trial that has a score: the trial's
+    own 95 % half-width, or ``noise_floor`` when that is wider (or the trial has none):
+    see :attr:`SearchConfig.noise_floor`."""
     scored = []
     for t in trials:
         value = score.value(t)
         if value is not None:
-            scored.append((t, value, t.images_per_s_rel_ci or 0.0))
+            scored.append((t, value, max(t.images_per_s_rel_ci or 0.0, noise_floor)))
     return scored
 
 
@@ -267,6 +271,13 @@ class SearchConfig:
     min_gain: float = 0.05
     """Diminishing returns: the last ``stop_patience`` batches must raise the best score
     by at least this fraction, or the search stops (0: never stop on a plateau)."""
+    noise_floor: float = 0.0
+    """The narrowest relative half-width a trial's score is given when two trials are
+    compared (``clearly_below`` in the stop rule, the choice and the runoff's
+    candidates). A trial's own interval describes its samples only; two trials of the
+    same batch run a few seconds apart on a shared machine differ by more (2 CPU
+    cores: 10-13 % between-trial standard deviation against a median own interval
+    of 3-7 %, ``benchmarks/trial_noise.py``). 0: trust the trials' own intervals."""
 
     def __post_init__(self) -> None:
         _require(_is_int(self.target_bytes) and self.target_bytes > 0,
@@ -298,6 +309,8 @@ class SearchConfig:
                  f"decline tolerance must be in [0, 1), got {self.decline_tolerance!r}")
         _require(_is_number(self.min_gain) and 0 <= self.min_gain < 1,
                  f"minimum gain must be in [0, 1), got {self.min_gain!r}")
+        _require(_is_number(self.noise_floor) and 0 <= self.noise_floor < 1,
+                 f"noise floor must be in [0, 1), got {self.noise_floor!r}")
 
     @property
     def stops_past_peak(self) -> bool:
@@ -385,7 +398,8 @@ def fit_peak_memory(trials: Iterable[TrialOutcome]) -> tuple[float, float] | Non
 
 
 def choose_batch(
-    trials: Iterable[TrialOutcome], objective: str, tolerance: float, score: Score | None = None
+    trials: Iterable[TrialOutcome], objective: str, tolerance: float, score: Score | None = None,
+    noise_floor: float = 0.0,
 ) -> int:
     """The batch to train with, among the successful trials (see the module docstring).
 
@@ -398,7 +412,7 @@ def choose_batch(
     successes = [t for t in trials if t.ok]
     if not successes:
         raise ValueError("no successful trial to choose a batch from")
-    scored = _scored(successes, score or THROUGHPUT)
+    scored = _scored(successes, score or THROUGHPUT, noise_floor)
     if objective == "memory" or not scored:
         return max(t.batch for t in successes)
     _, best, best_ci = _best(scored)
@@ -408,7 +422,7 @@ def choose_batch(
 
 def runoff_batches(
     trials: Iterable[TrialOutcome], chosen: int, score: Score | None = None,
-    tolerance: float = 0.03, limit: int = 2,
+    tolerance: float = 0.03, limit: int = 2, noise_floor: float = 0.0,
 ) -> list[int]:
     """The batches the search could not tell apart: ``chosen`` first, then, by score,
     up to ``limit - 1`` other successes whose score is not :func:`clearly_below` the
@@ -426,7 +440,7 @@ def runoff_batches(
     for t in trials:
         if t.ok:
             latest[t.batch] = t
-    scored = _scored(list(latest.values()), score or THROUGHPUT)
+    scored = _scored(list(latest.values()), score or THROUGHPUT, noise_floor)
     if chosen not in {t.batch for t, _, _ in scored}:
         return [chosen]
     _, best, best_ci = _best(scored)
@@ -485,6 +499,7 @@ def peak_passed(
     score: Score | None = None,
     patience: int = 2,
     tolerance: float = 0.05,
+    noise_floor: float = 0.0,
 ) -> int | None:
     """The batch where ``score`` peaked, once the search is past it; None before.
 
@@ -494,7 +509,7 @@ def peak_passed(
     best (a recovery) keeps the search going. Failed trials say nothing about the
     score and are ignored.
     """
-    scored = sorted(_scored([t for t in trials if t.ok], score or THROUGHPUT),
+    scored = sorted(_scored([t for t in trials if t.ok], score or THROUGHPUT, noise_floor),
                     key=lambda item: item[0].batch)
     if len(scored) <= patience:
         return None
@@ -584,7 +599,8 @@ class _Search:
             confirm = predicted and not confirm and outcome.ok
         return SearchResult(
             trials=self.trials,
-            chosen=choose_batch(self.trials, cfg.objective, cfg.throughput_tolerance, self.score),
+            chosen=choose_batch(self.trials, cfg.objective, cfg.throughput_tolerance, self.score,
+                                cfg.noise_floor),
             stop_reason=stop_reason,
             fit=fit_peak_memory(self.trials),
             peak_batch=self.peak_batch,
@@ -604,7 +620,8 @@ class _Search:
             failed = next(t for t in self.trials if t.batch == hi)
             return f"hit target between {lo} and {hi} (batch {hi}: {failed.reason})"
         if cfg.stops_past_peak:
-            peak = peak_passed(self.trials, self.score, cfg.stop_patience, cfg.decline_tolerance)
+            peak = peak_passed(self.trials, self.score, cfg.stop_patience, cfg.decline_tolerance,
+                               cfg.noise_floor)
             flat = None if peak is not None else plateau_reached(
                 self.trials, self.score, cfg.stop_patience, cfg.min_gain)
             if peak is not None or flat is not None:
@@ -644,7 +661,7 @@ class _Search:
         cfg = self.cfg
         if cfg.objective == "memory" or lo >= cfg.max_batch:
             return None
-        scored = _scored([t for t in self.trials if t.ok], self.score)
+        scored = _scored([t for t in self.trials if t.ok], self.score, cfg.noise_floor)
         top = [item for item in scored if item[0].batch == lo]
         if not top:
             return None

@@ -130,6 +130,13 @@ TRIAL_PRELOAD = ("torch", "autotune.trial", "autotune.workload")
 #: The noise phase: micro-batches of the reference batch, this many per measurement
 #: (BatchNorm sees the reference batch; their mean is a batch of 64).
 NOISE_MICRO_BATCHES = 4
+#: The search's noise floor on a CPU (``TuneConfig.trial_noise``): the relative
+#: half-width each trial's reading is given at least when two trials are compared.
+#: Six trials of each of batch 16, 32 and 64 on the demo model, on 2 shared cores,
+#: read with a between-trial standard deviation of 10-13 % while each trial's own 95 %
+#: interval had a median of 3-7 % (``benchmarks/trial_noise.py``, sixth session). One
+#: standard deviation each side: two trials are clearly apart when about 18 % apart.
+CPU_TRIAL_NOISE = 0.10
 #: CPU threads x workers are measured at most at this multiple of the reference batch.
 PAIR_BATCH_FACTOR = 4
 #: ... and at the largest batch the search measured whose step takes at most this long.
@@ -192,7 +199,8 @@ class TuneConfig:
     measure_seconds: float = 2.0
     """Time budget of one worker or comparison measurement, from the step time the
     trials measured: a slow step (a large batch of a big model on a CPU) takes fewer
-    steps than the image budget asks (never fewer than 3)."""
+    steps than the image budget asks (never fewer than 3, or 2 when two steps already take
+    this long)."""
     noise_seconds: float = 15.0
     """Goodput: the noise-scale phase stops after this many seconds once it has
     ``NOISE_MIN_STEPS`` measurements, even short of ``noise_steps`` (its standard error
@@ -205,6 +213,13 @@ class TuneConfig:
     channels_last at the chosen batch. 1: no runoff (the knobs phase decides
     channels_last). No batch runoff under the memory objective; none at all under DDP
     (the ranks would have to agree on the runoff too)."""
+    trial_noise: float | None = None
+    """How far apart (a relative half-width each) two trials' readings must be before
+    the search calls one clearly below the other (:attr:`SearchConfig.noise_floor`).
+    None: :data:`CPU_TRIAL_NOISE` on a CPU, where trials of one batch a few seconds
+    apart differ by 10-13 % (standard deviation; ``benchmarks/trial_noise.py``); 0 on
+    CUDA, where the trials' own intervals are trusted until the same benchmark has
+    measured a GPU."""
     max_workers: int | None = None
     seed: int = 0
     channels_last: bool = False
@@ -245,6 +260,10 @@ class TuneConfig:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                     and 0 < value < math.inf):
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive number, got {value!r}")
+        if self.trial_noise is not None and not (
+                isinstance(self.trial_noise, (int, float)) and not isinstance(self.trial_noise, bool)
+                and 0 <= self.trial_noise < 1):
+            raise ConfigError(f"trial noise must be a fraction in [0, 1), got {self.trial_noise!r}")
         if not (self.trial_budget_s > 0):
             raise ConfigError(f"trial budget must be positive, got {self.trial_budget_s!r}")
         if self.max_workers is not None and self.max_workers < 0:
@@ -613,6 +632,7 @@ class Tuner:
             # Goodput searches like throughput, with its own score (below).
             objective="memory" if cfg.objective == "memory" else "throughput",
             find_edge=cfg.find_edge,
+            noise_floor=self.trial_noise(),
         )
         score = self.goodput_score()
         with self._memory_capped():
@@ -621,6 +641,12 @@ class Tuner:
             self.goodput = self.choose_by_goodput(result)
             result = replace(result, chosen=self.goodput.chosen.batch)
         return result
+
+    def trial_noise(self) -> float:
+        """The search's noise floor (``TuneConfig.trial_noise``, or the device's default)."""
+        if self.cfg.trial_noise is not None:
+            return float(self.cfg.trial_noise)
+        return CPU_TRIAL_NOISE if self.device.type == "cpu" else 0.0
 
     def _margin_bytes(self) -> int:
         """The search's safety margin below the target, in bytes."""
@@ -1012,12 +1038,19 @@ class Tuner:
 
     def steps_for(self, batch: int, max_steps: int) -> int:
         """Timed steps of one worker or comparison measurement: at most ``max_steps``,
-        the image budget and the time budget (from the nearest trial's rate), at least 3."""
+        the image budget and the time budget (from the nearest trial's rate); at least
+        3, or 2 when two steps already take the time budget (48x48 crops at batch 64 on
+        2 cores: 1.9 s a step; the third step made each comparison round of the runoff
+        about 8 s longer)."""
         steps = min(max_steps, math.ceil(self.cfg.measure_images / batch))
+        floor = 3
         rate = self._rate_near(batch)
         if rate:
-            steps = min(steps, math.ceil(self.cfg.measure_seconds * rate / batch))
-        return max(3, steps)
+            by_time = math.ceil(self.cfg.measure_seconds * rate / batch)
+            steps = min(steps, by_time)
+            if by_time <= 2:
+                floor = 2
+        return max(floor, steps)
 
     def _rate_near(self, batch: int) -> float | None:
         """images/s of the successful trial nearest ``batch`` (by ratio; the larger on a
@@ -1061,7 +1094,7 @@ class Tuner:
             return []
         ahead = [result.untried] if result.untried is not None else []
         batches = runoff_batches(result.trials, result.chosen, self.goodput_score(),
-                                 limit=cfg.runoff - len(ahead))
+                                 limit=cfg.runoff - len(ahead), noise_floor=self.trial_noise())
         return ahead + batches[1:]
 
     def channels_last_in_runoff(self, batch: int, knob_batch: int) -> bool:

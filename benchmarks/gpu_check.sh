@@ -7,10 +7,11 @@
 #     any step or any check failed;
 #   - a skipped GPU test counts as a failure (pytest alone exits 0 when all skip);
 #   - what a step needs (pytest, matplotlib for --plot) is checked, not assumed.
-# Steps and their time limits (sum 460 s, under 8 minutes on one H100):
+# Steps and their time limits (sum 505 s, under 9 minutes on one H100):
 #   preflight 25 s | pytest -m gpu 130 s | tune the official model at --target-mem 20GB
 #   200 s (workers up to the 16 cores, no oversubscribed count) | arwgan doctor on the
-#   tuned configuration 45 s | 1-GPU torchrun smoke run 60 s. Then one summary:
+#   tuned configuration 45 s | trial noise (benchmarks/trial_noise.py, printed only, not
+#   a check) 45 s | 1-GPU torchrun smoke run 60 s. Then one summary:
 #   summary.json + summary.txt (also printed at the end), with every figure
 #   docs/results.md needs.
 # Files written under $OUT (at most 8): summary.json summary.txt pytest_gpu.txt tune.txt
@@ -83,6 +84,12 @@ timeout 45 "$PY" -m arwgan doctor --from-tuned "$OUT/tuned.json" --device cuda -
 rc[doctor]=$?
 tail -3 "$SCRATCH/doctor.txt"
 [ -s "$OUT/doctor.json" ] || rm -f "$OUT/doctor.json"  # no empty report left behind
+
+step "trial noise on the GPU: 3 rounds of batch 16 and 32 (sets TuneConfig.trial_noise on CUDA)"
+timeout 45 "$PY" benchmarks/trial_noise.py --device cuda --model 128 --batches 16,32 --repeats 3 \
+    --target-mem 20GB > "$SCRATCH/trial_noise.txt" 2>&1
+echo "trial_noise exit $?"
+tail -3 "$SCRATCH/trial_noise.txt"
 
 step "1-GPU torchrun smoke run (DDP over NCCL, one process)"
 timeout 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m arwgan.cli \

@@ -712,6 +712,41 @@ def test_a_drop_within_the_confidence_intervals_is_not_a_decline(ci, calls, belo
     )
 
 
+def test_a_noise_floor_keeps_a_drift_between_trials_from_ending_the_search():
+    # The demo model on 2 cores (sixth session): a trial at 16 read 130 +-3 % and the
+    # next two, during a slow spell, 112 and 110 +-3 %, though 32 and 64 run faster than
+    # 16 side by side. Their own intervals are apart (112 x 1.03 < 130 x 0.97): a
+    # "peak" at 16. Trials of one batch differ by 10-13 % between runs on that machine;
+    # with each reading given +-10 % at least, 112 is within noise of 130 and growth goes on.
+    ips = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0, 16: 130.0, 32: 112.0, 64: 110.0, 128: 150.0}
+    ci = {b: 0.03 for b in ips}
+    trial = FakeTrial(ips=ips, ci=ci)
+    result = run(trial, max_batch=128, min_gain=0.0)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64]
+    assert result.stop_reason.startswith("memory edge not searched: throughput peaked at 16")
+    assert result.chosen == 16
+    trial = FakeTrial(ips=ips, ci=ci)
+    result = run(trial, max_batch=128, min_gain=0.0, noise_floor=0.10)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert (result.stop_reason, result.chosen) == ("reached max batch 128", 128)
+    # A true decline still stops it: 64 and 128 at 80 % and 75 % of the peak are more
+    # than the floors apart (80 x 1.1 = 88 < 130 x 0.9 = 117).
+    declining = {**ips, 32: 130.0, 64: 104.0, 128: 97.0, 256: 90.0}
+    trial = FakeTrial(ips=declining, ci=ci)
+    result = run(trial, max_batch=256, min_gain=0.0, noise_floor=0.10)
+    assert trial.calls == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert result.stop_reason == (
+        "memory edge not searched: throughput peaked at 32; batch 64, 128 clearly below")
+    # The choice and the runoff read trials the same way: 112 is within noise of 130.
+    trials = result.trials[:5] + [TrialOutcome(32, True, None, 112.0, 0.1, "ok",
+                                               images_per_s_rel_ci=0.03)]
+    trials[4] = TrialOutcome(16, True, None, 130.0, 0.1, "ok", images_per_s_rel_ci=0.03)
+    assert choose_batch(trials, "throughput", 0.03) == 16
+    assert choose_batch(trials, "throughput", 0.03, noise_floor=0.10) == 32
+    assert runoff_batches(trials, 16) == [16]
+    assert runoff_batches(trials, 32, noise_floor=0.10) == [32, 16]
+
+
 def test_plateau_within_tolerance_searches_on_without_the_plateau_rule():
     # Flat at 100 from 16 on: nothing is clearly below, and the largest batch within 3 %
     # wins, so larger batches can still change the answer; without the plateau rule
@@ -777,7 +812,8 @@ def test_search_result_round_trips_the_peak():
 @pytest.mark.parametrize("field,value", [
     ("find_edge", 1), ("stop_patience", 0), ("stop_patience", 1.5),
     ("decline_tolerance", 1.0), ("decline_tolerance", -0.1), ("min_gain", 1.0),
-    ("min_gain", -0.01), ("min_gain", "5%"),
+    ("min_gain", -0.01), ("min_gain", "5%"), ("noise_floor", 1.0), ("noise_floor", -0.1),
+    ("noise_floor", "10%"),
 ])
 def test_stopping_rule_settings_are_validated(field, value):
     with pytest.raises(ConfigError):

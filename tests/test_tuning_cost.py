@@ -106,9 +106,17 @@ def test_measurements_are_sized_by_the_step_time_the_trials_saw(tiny_data_dir):
     tuner.trials_run = []
     # No trial yet: the image budget alone (512 / 16 = 32, capped at 10).
     assert tuner.steps_for(16, 10) == 10
-    # 35 images/s at batch 64 (1.8 s a step): 3 s buys 2 steps, the floor is 3.
+    # 35 images/s at batch 64 (1.8 s a step): 3 s buys 2 steps, and two steps already
+    # take the time budget, so the floor is 2, not 3. At 20 images/s (3.2 s a step) one
+    # step would, but one step is no measurement: 2.
     tuner.trials_run = [_trial(64, 35.0), _trial(8, 400.0)]
-    assert tuner.steps_for(64, 10) == 3
+    assert tuner.steps_for(64, 10) == 2
+    tuner.trials_run = [_trial(64, 20.0), _trial(8, 400.0)]
+    assert tuner.steps_for(64, 10) == 2
+    # The image budget alone (512 / 512 = 1) does not lower the floor: fast steps, 3.
+    tuner.trials_run = [_trial(512, 4000.0)]
+    assert tuner.steps_for(512, 10) == 3
+    tuner.trials_run = [_trial(64, 35.0), _trial(8, 400.0)]
     # Batch 16 is nearer 8 than 64 by ratio (2x vs 4x): 400 images/s, 3 s = 75 steps,
     # so the image budget (32) and max steps (10) decide.
     assert tuner.steps_for(16, 10) == 10

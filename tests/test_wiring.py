@@ -6,6 +6,7 @@ it is (the noise phase, the knobs, one adaptive trial)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from rich.console import Console
 
 from arwgan.config import ModelConfig, TrainConfig
+from arwgan.errors import ConfigError
 from autotune.probes import FakeHostProbe, FakeNvmlProbe, FakeTorchCudaProbe, HostInfo, Probes
 from autotune.timing import STOPS, TimingConfig
 from autotune.trial import TrialMeasurement, TrialSpec, run_trial
@@ -688,6 +690,42 @@ def test_goodput_gets_a_row_for_the_batch_the_search_did_not_reach(tiny_data_dir
     # A batch the search did try keeps its trial's rate and row.
     assert tuner._runoff_batch_rate(result, 16, {"recommended_images_per_s": 1.0}) == 50.0
     assert tuner.goodput.chosen.images_per_s == 50.0 and len(tuner.goodput.rows) == 3
+
+
+@pytest.mark.parametrize("device_type,overrides,expected", [
+    ("cpu", {}, 0.10),                     # measured: 10-13 % between trials on 2 cores
+    ("cuda", {}, 0.0),                     # not measured on a GPU yet: own intervals
+    ("cpu", {"trial_noise": 0.0}, 0.0),
+    ("cuda", {"trial_noise": 0.04}, 0.04),
+])
+def test_the_search_reads_trials_with_the_devices_noise_floor(tiny_data_dir, monkeypatch,
+                                                               device_type, overrides, expected):
+    import autotune.tuner as tuner_module
+    from autotune.search import SearchResult, TrialOutcome
+
+    tuner = cpu_tuner(tiny_data_dir, objective="throughput", start_batch=16, **overrides)
+    tuner.device = torch.device(device_type)
+    seen = []
+
+    def search(trial, cfg, score=None):
+        seen.append(cfg.noise_floor)
+        return SearchResult([TrialOutcome(16, True, 1, 10.0, 0.1, "ok")], 16, "fake")
+
+    monkeypatch.setattr(tuner_module, "search_batch", search)
+    monkeypatch.setattr(tuner, "_memory_capped", contextlib.nullcontext)
+    tuner.search("fp32")
+    assert seen == [expected] and tuner.trial_noise() == expected
+    # The runoff's candidates are read the same way: 112 +-3 % is within +-10 % of 130.
+    trials = [TrialOutcome(b, True, b, v, 1.0, "ok", images_per_s_rel_ci=0.03)
+              for b, v in ((16, 130.0), (32, 112.0))]
+    result = SearchResult(trials=trials, chosen=16, stop_reason="fake")
+    assert tuner.runoff_challengers(result) == ([32] if expected >= 0.1 else [])
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, "10%", True])
+def test_a_bad_trial_noise_is_refused(value):
+    with pytest.raises(ConfigError, match="trial noise"):
+        TuneConfig(trial_noise=value)
 
 
 def test_a_challenger_that_does_not_fit_is_named_and_the_choice_stands(tiny_data_dir):
