@@ -121,6 +121,9 @@ def run_tuner(model: ModelConfig, args, objective: str):
           f"{choice.channels_last}, threads {choice.cpu_threads}; "
           f"{len(result.search.trials)} search trials ({result.search.stop_reason})", flush=True)
     print(f"  {time_line(result.tuned.measurements)}", flush=True)
+    print("  search trials: " + ", ".join(
+        f"{t.batch} {t.images_per_s:.1f} +-{100 * (t.images_per_s_rel_ci or 0):.0f} % ({t.seconds:.1f} s)"
+        if t.ok and t.images_per_s else f"{t.batch} {t.reason}" for t in result.search.trials), flush=True)
     if runoff_line(result.tuned.measurements):
         print(f"  runoff: {runoff_line(result.tuned.measurements)}", flush=True)
     return tune_cfg, result, tuner_s
