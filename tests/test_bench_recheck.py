@@ -45,6 +45,8 @@ def test_the_top_points_are_remeasured_and_a_pick_among_them_only_once(bench):
     result = out["throughput"]
     assert result["grid_best"]["batch"] == 64 and result["share"] == pytest.approx(1.0)
     assert [t["runs"] for t in result["top"]] == [truth[128], truth[64], truth[32]]
+    # The grid's own pick (128, its lucky reading) judged the same way: 138 / 145.
+    assert result["grid_pick_share"] == pytest.approx(138.0 / 145.0)
 
 
 def test_a_pick_outside_the_top_is_measured_beside_it(bench):
