@@ -53,9 +53,9 @@ has: "batch 128 would take about 31 s > budget 25 s (batch 64 took 12.3 s)".
    the best, and with the two trials' 95 % confidence intervals apart
    (``images_per_s_rel_ci``, when the trial measured one, each at least
    ``noise_floor`` wide: a trial's own interval misses the drift between trials on a
-   shared machine): a drop inside the noise is not a decline. One dip that a larger batch recovers from does not stop the
-   search; two successive declines do. Growth and bisection trials count alike
-   (both lie above every success before them). Those trials could not change the
+   shared machine): a drop inside the noise is not a decline. One dip that a larger
+   batch recovers from does not stop the search; two successive declines do. Growth
+   and bisection trials count alike (both lie above every success before them). Those trials could not change the
    answer, since the choice takes the best score and larger batches past its peak
    only score lower; so the memory edge is left unsearched and the stop reason says
    so ("memory edge not searched: throughput peaked at 64; ..."). The score is
@@ -71,16 +71,14 @@ has: "batch 128 would take about 31 s > budget 25 s (batch 64 took 12.3 s)".
    choice among what was measured is the same either way (below). The stop reason
    says "... flat past 16; batch 32, 64 within 5 % of it".
 6. The search also stops after ``max_trials`` trials, whatever the phase.
-7. Cut short before the curve turned down: when time (the trial budget or its look-ahead) or
-   ``max_trials`` ends the *growth* (no failure yet, below ``max_batch``) while the
-   largest batch tried still scores within noise of the best (not
-   :func:`clearly_below` it: the curve has not turned down), the answer may lie
-   further up:
-   the result names the batch growth would have tried next (``untried``, every
-   objective but ``memory``), provided it is predicted to fit. The prediction is the
-   largest success's peak scaled by the batch ratio (``peak * next / lo``), an upper
-   bound whenever the fixed part of the memory is not negative, so no fit is
-   trusted. The search never runs it; the tuner's runoff measures it end to end,
+7. Cut short before the curve turned down: when time (the trial budget or its
+   look-ahead) or ``max_trials`` ends the *growth* (no failure yet, below
+   ``max_batch``) while the largest batch tried still scores within noise of the best
+   (not :func:`clearly_below` it), the answer may lie further up: the result names the
+   batch growth would have tried next (``untried``, every objective but ``memory``),
+   provided it is predicted to fit. The prediction is the largest success's peak
+   scaled by the batch ratio (``peak * next / lo``), an upper bound whenever the fixed
+   part of the memory is not negative, so no fit is trusted. The search never runs it; the tuner's runoff measures it end to end,
    which costs a few steps rather than a trial (48x48 crops on 2 cores: batch 32
    took 10.5 s, so the look-ahead did not start 64, the grid's best).
 
