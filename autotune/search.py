@@ -362,6 +362,10 @@ class SearchResult:
     def successes(self) -> list[TrialOutcome]:
         return [t for t in self.trials if t.ok]
 
+    def success_at(self, batch: int) -> TrialOutcome | None:
+        """The latest successful trial at ``batch``; None when the search ran none."""
+        return next((t for t in reversed(self.trials) if t.batch == batch and t.ok), None)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "trials": [t.to_dict() for t in self.trials],

@@ -1210,7 +1210,7 @@ class Tuner:
         search trial's; for the batch the search did not reach, the runoff's end-to-end
         median, the only reading there is), with the goodput choice moved to it (a row
         made from that reading when the search had none)."""
-        trial = next((t for t in reversed(result.trials) if t.batch == batch and t.ok), None)
+        trial = result.success_at(batch)
         rate = trial.images_per_s if trial is not None else comparison["recommended_images_per_s"]
         if self.goodput is not None:
             rows = {r.batch: r for r in self.goodput.rows}
@@ -1288,7 +1288,7 @@ class Tuner:
             if rows:
                 self.goodput = replace(self.goodput, chosen=rows[0])
 
-        chosen_trial = next(t for t in reversed(result.trials) if t.batch == batch and t.ok)
+        chosen_trial = result.success_at(batch)
         consumption = chosen_trial.images_per_s if self.device.type == "cuda" else None
         knobs: list[KnobDecision] = []
         threads = None
